@@ -1,0 +1,661 @@
+"""MISSRec: multi-modal interest-aware sequence representation (ACM MM 2023), as HuggingFace models.
+
+The backbone [`MissrecModel`] turns a history of item ids into one L2-normalised vector:
+item tokens (per-modality adaptors + optional ID + position) go through a decoder that cross-attends to the
+encoded *set* of interests the history touches (interests = k-means centroids of all item tokens).
+[`MissrecForSequentialRecommendation`] adds one domain's item catalogue, the dynamic fusion head that scores
+every item, and the full-softmax loss.
+
+Where this file departs from the original code, on purpose, the docstring says "Fix:"; where it reproduces a
+quirk for comparability, it says "As the original".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput, logging
+
+from .configuration_missrec import MissrecConfig
+from .interests import interest_sets, kmeans, num_interests
+
+logger = logging.get_logger(__name__)
+
+# Large finite negative used instead of -inf inside softmaxes so that all-masked rows give zeros, not NaN.
+_MASKED_LOGIT = -1.0e4
+
+
+@dataclass
+class MissrecModelOutput(ModelOutput):
+    """Output of the backbone.
+
+    sequence_embedding: `[B, H]` L2-normalised decoder state at each history's last real position.
+    last_hidden_state: `[B, L, H]` decoder states at every position.
+    interest_hidden_states: `[B, Q, H]` encoded interest tokens; `interest_ids` `[B, Q]` their ids (0 = padding).
+    interest_regularization: scalar interest regulariser R of the batch (before its weight gamma).
+    """
+
+    sequence_embedding: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    interest_hidden_states: torch.FloatTensor | None = None
+    interest_ids: torch.LongTensor | None = None
+    interest_regularization: torch.FloatTensor | None = None
+
+
+@dataclass
+class MissrecSequentialRecommendationOutput(ModelOutput):
+    """Output of [`MissrecForSequentialRecommendation`].
+
+    loss: cross-entropy over the whole catalogue plus gamma x interest regulariser (when `labels` are given).
+    logits: `[B, num_items + 1]` scores / temperature; column 0 (padding) is -inf.
+    sequence_embedding: `[B, H]` the normalised user representation.
+    interest_regularization: the unweighted regulariser.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    sequence_embedding: torch.FloatTensor | None = None
+    interest_regularization: torch.FloatTensor | None = None
+
+
+@dataclass
+class ItemTokens:
+    """Candidate-side item representations, ready for scoring a contiguous range of item ids.
+
+    modality_tokens: `[M, C, H]` L2-normalised per-modality tokens.
+    present: `[M, C]` bool, whether the item has that modality (masked modalities do not take part).
+    id_tokens: `[C, H]` L2-normalised ID embeddings, or None (inductive, or folded into the modality token).
+    first_item_id: item id of column 0 (to index per-item fusion factors).
+    """
+
+    modality_tokens: torch.Tensor
+    present: torch.Tensor
+    id_tokens: torch.Tensor | None
+    first_item_id: int = 0
+
+    def slice(self, start: int, end: int) -> ItemTokens:
+        """The representations of item ids `start..end-1` (ids, not column numbers)."""
+        lo, hi = start - self.first_item_id, end - self.first_item_id
+        ids = None if self.id_tokens is None else self.id_tokens[lo:hi]
+        return ItemTokens(self.modality_tokens[:, lo:hi], self.present[:, lo:hi], ids, start)
+
+
+class MissrecAttention(nn.Module):
+    """Multi-head attention with separate q/k/v/o projections (LoRA targets) and SDPA with a key padding mask."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.attention_dropout_prob
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        # `_init_weights` reads this: modules are initialised one by one, and only those owning parameters.
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            projection._missrec_fused_in_projection = True
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`key_padding_mask` `[B, S]` is True at keys that may be attended to."""
+        source = hidden_states if key_value_states is None else key_value_states
+        query = self._split_heads(self.q_proj(hidden_states))
+        key = self._split_heads(self.k_proj(source))
+        value = self._split_heads(self.v_proj(source))
+        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        attended = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        batch, _, length, _ = attended.shape
+        return self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MissrecMLP(nn.Module):
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(hidden_states))))
+
+
+class MissrecEncoderLayer(nn.Module):
+    """Post-LN self-attention layer over the interest tokens (a set: no positions)."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.self_attn = MissrecAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MissrecMLP(config)
+        self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        attended = self.self_attn(hidden_states, key_padding_mask=padding_mask)
+        hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
+        return self.mlp_layer_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+
+
+class MissrecDecoderLayer(nn.Module):
+    """Post-LN layer over the item tokens: non-causal self-attention, cross-attention to interests, MLP."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.self_attn = MissrecAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.cross_attn = MissrecAttention(config)
+        self.cross_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MissrecMLP(config)
+        self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor,
+        interest_states: torch.Tensor,
+        interest_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        attended = self.self_attn(hidden_states, key_padding_mask=padding_mask)
+        hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
+        crossed = self.cross_attn(hidden_states, interest_states, key_padding_mask=interest_mask)
+        hidden_states = self.cross_attn_layer_norm(hidden_states + self.dropout(crossed))
+        return self.mlp_layer_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+
+
+class MissrecEncoder(nn.Module):
+    """The interest encoder: layers plus a final LayerNorm (as `torch.nn.Transformer` in the original)."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(MissrecEncoderLayer(config) for _ in range(config.num_encoder_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, padding_mask)
+        return self.norm(hidden_states)
+
+
+class MissrecDecoder(nn.Module):
+    """The interest-aware decoder: layers plus a final LayerNorm."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(MissrecDecoderLayer(config) for _ in range(config.num_decoder_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor,
+        interest_states: torch.Tensor,
+        interest_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, padding_mask, interest_states, interest_mask)
+        return self.norm(hidden_states)
+
+
+class MissrecItemAdaptor(nn.Linear):
+    """Linear map from a frozen modality feature to a token. Its own class so that `_init_weights` can keep
+    PyTorch's default (Kaiming-uniform) initialisation for it, as the original did."""
+
+
+class MissrecInterestTokenizer(nn.Module):
+    """The interest vocabulary: centroids `[K + 1, H]` (row 0 = padding, zeros) and, per modality, every item's
+    interest id `[M, num_items + 1]` (0 = padding or a masked missing modality). Both are buffers, refreshed by
+    k-means and saved with the model."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        num_modalities = len(config.modalities)
+        self.register_buffer("centroids", torch.zeros(config.num_interests + 1, config.hidden_size))
+        self.register_buffer(
+            "item_interest_ids", torch.zeros(num_modalities, config.num_items + 1, dtype=torch.long)
+        )
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Interest ids `[B, Q]` of each history's interest set, their centroid vectors and their mask."""
+        ids = interest_sets(input_ids, list(self.item_interest_ids))
+        mask = ids != 0
+        # A history none of whose items has an interest (before the first refresh) would leave attention with
+        # no key at all; let it attend to one zero token instead of producing NaN.
+        mask[:, 0] |= ~mask.any(dim=1)
+        return ids, self.centroids[ids], mask
+
+    @torch.no_grad()
+    def set_state(self, centroids: torch.Tensor, item_interest_ids: torch.Tensor) -> None:
+        padded = torch.zeros(centroids.shape[0] + 1, centroids.shape[1], device=centroids.device)
+        padded[1:] = centroids
+        self.centroids = padded.to(self.centroids.dtype)
+        self.item_interest_ids = item_interest_ids.to(self.item_interest_ids.device)
+
+
+class MissrecPreTrainedModel(PreTrainedModel):
+    config_class = MissrecConfig
+    base_model_prefix = "missrec"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """As the original: Linear and Embedding N(0, initializer_range) with zero bias, LayerNorm (1, 0); the
+        q/k/v projections keep the Xavier-uniform of the original's fused in-projection; adaptors keep
+        PyTorch's default. Uses `transformers.initialization` so that loaded weights are never overwritten."""
+        std = self.config.initializer_range
+        if isinstance(module, MissrecItemAdaptor):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1.0 / math.sqrt(module.in_features)
+            init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.Linear) and getattr(module, "_missrec_fused_in_projection", False):
+            # The original's q/k/v lived in one [3H, H] Xavier-uniform matrix: same bound, per projection.
+            bound = math.sqrt(6.0 / (4 * module.in_features))
+            init.uniform_(module.weight, -bound, bound)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MissrecInterestTokenizer):
+            init.zeros_(module.centroids)
+            init.zeros_(module.item_interest_ids)
+        elif isinstance(module, MissrecFusionHead):
+            init.constant_(module.fusion_factor, self.config.fusion_factor_init)
+        elif isinstance(module, MissrecForSequentialRecommendation):
+            for name in module.feature_buffer_names():
+                init.zeros_(getattr(module, name))
+            init.zeros_(module.item_modality_present)
+
+
+class MissrecModel(MissrecPreTrainedModel):
+    """The transferable backbone: item tokenizer, interest tokenizer, interest encoder, decoder, read-out.
+
+    The backbone does not own an item catalogue: callers pass each position's modality features (or already
+    adapted tokens) with `input_ids`. [`MissrecForSequentialRecommendation`] looks them up in its catalogue.
+    """
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__(config)
+        self.modalities = list(config.modalities)
+        self.adaptors = nn.ModuleDict(
+            {m: MissrecItemAdaptor(config.feature_size(m), config.hidden_size) for m in self.modalities}
+        )
+        self.item_embeddings = (
+            nn.Embedding(config.num_items + 1, config.hidden_size, padding_idx=0) if config.use_item_ids else None
+        )
+        self.position_embeddings = nn.Embedding(config.max_seq_length, config.hidden_size)
+        self.input_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.input_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.interest_tokenizer = MissrecInterestTokenizer(config)
+        self.encoder = MissrecEncoder(config)
+        self.decoder = MissrecDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self.item_embeddings
+
+    def adapt(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-modality tokens `[M, ..., H]` from frozen features `{modality: [..., F_m]}`."""
+        return torch.stack([self.adaptors[m](features[m]) for m in self.modalities])
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        item_features: Mapping[str, torch.Tensor] | None = None,
+        modality_mask: torch.Tensor | None = None,
+        item_tokens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> MissrecModelOutput | tuple:
+        """Encode histories.
+
+        input_ids: `[B, L]` item ids, 0 = padding, oldest first (right-padded, as the collator writes them).
+        item_features: `{modality: [B, L, F_m]}` frozen features of each position, or
+        item_tokens: `[M, B, L, H]` already adapted tokens (what the recommender passes; saves recomputing).
+        modality_mask: `[M, B, L]` bool, True where the item has the modality; by default an all-zero feature
+            row is missing. Ignored (all present) when `config.mask_missing_modalities` is False.
+        attention_mask: `[B, L]` 1 at real positions; by default `input_ids != 0`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if attention_mask is None:
+            attention_mask = input_ids != 0
+        attention_mask = attention_mask.bool()
+        if item_tokens is None:
+            if item_features is None:
+                raise ValueError("MissrecModel.forward needs `item_features` or `item_tokens`; got neither.")
+            item_tokens = self.adapt(item_features)
+            if modality_mask is None:
+                modality_mask = torch.stack([item_features[m].ne(0).any(-1) for m in self.modalities])
+        if modality_mask is None or not self.config.mask_missing_modalities:
+            modality_mask = attention_mask.expand(len(self.modalities), *attention_mask.shape)
+
+        interest_ids, interest_vectors, interest_mask = self.interest_tokenizer(input_ids)
+        interest_states = self.encoder(interest_vectors, interest_mask)
+        regularization = self.interest_regularization(interest_states, interest_ids)
+
+        decoder_input = self.embed_items(input_ids, item_tokens, modality_mask)
+        hidden = self.decoder(decoder_input, attention_mask, interest_states, interest_mask)
+        last_position = (attention_mask * torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)).argmax(1)
+        sequence_embedding = F.normalize(hidden[torch.arange(hidden.shape[0], device=hidden.device), last_position])
+
+        if not return_dict:
+            return (sequence_embedding, hidden, interest_states, interest_ids, regularization)
+        return MissrecModelOutput(
+            sequence_embedding=sequence_embedding,
+            last_hidden_state=hidden,
+            interest_hidden_states=interest_states,
+            interest_ids=interest_ids,
+            interest_regularization=regularization,
+        )
+
+    def embed_items(
+        self, input_ids: torch.Tensor, item_tokens: torch.Tensor, modality_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Decoder input: LN(sum of present modality tokens + position [+ ID]), then dropout."""
+        tokens = (item_tokens * modality_mask.unsqueeze(-1).to(item_tokens.dtype)).sum(0)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        tokens = tokens + self.position_embeddings(positions)
+        if self.item_embeddings is not None:
+            tokens = tokens + self.item_embeddings(input_ids)
+        return self.input_dropout(self.input_layer_norm(tokens))
+
+    def interest_regularization(self, interest_states: torch.Tensor, interest_ids: torch.Tensor) -> torch.Tensor:
+        """R = reduce_b ||(n_b / Q) * sum_q M_bq||^2 / H, with n_b real interests of Q slots.
+
+        As the original: the pooled vector is scaled by the fraction of real slots and the batch is summed
+        (`interest_reg_reduction="sum"`). Fix: padded slots are left out of the sum (the original added the
+        encoder outputs at padded slots too)."""
+        real = (interest_ids != 0).to(interest_states.dtype)
+        fraction = real.sum(1, keepdim=True) / interest_ids.shape[1]
+        pooled = fraction * (interest_states * real.unsqueeze(-1)).sum(1)
+        per_sequence = pooled.pow(2).sum(-1) / interest_states.shape[-1]
+        return per_sequence.sum() if self.config.interest_reg_reduction == "sum" else per_sequence.mean()
+
+    @torch.no_grad()
+    def refresh_interests(
+        self, item_features: Mapping[str, torch.Tensor], modality_present: torch.Tensor, seed: int = 0
+    ) -> int:
+        """Re-cluster the interest vocabulary from the catalogue (no gradients) and store it in the buffers.
+
+        item_features: `{modality: [num_items + 1, F_m]}` (row 0 padding); modality_present: `[M, num_items + 1]`.
+        Every present item token of every modality goes into one pool; K = ceil(interest_ratio x pool size).
+        Fix: missing-modality tokens are left out of the pool (with `mask_missing_modalities`), and k-means runs
+        to convergence with k-means++ (the original made one random-init step on |x|). Returns K.
+        """
+        was_training = self.training
+        self.eval()
+        tokens = self.adapt({m: item_features[m][1:] for m in self.modalities}).float()  # [M, N, H]
+        present = modality_present[:, 1:].bool()
+        if not self.config.mask_missing_modalities:
+            present = torch.ones_like(present)
+        pool = tokens[present]
+        if pool.shape[0] == 0:
+            raise ValueError("refresh_interests: no item has any modality present; nothing to cluster.")
+        k = num_interests(pool.shape[0], self.config.interest_ratio)
+        result = kmeans(
+            pool,
+            k,
+            max_iterations=self.config.kmeans_max_iterations,
+            tolerance=self.config.kmeans_tolerance,
+            init=self.config.kmeans_init,
+            seed=seed,
+        )
+        item_interest_ids = torch.zeros(present.shape[0], present.shape[1] + 1, dtype=torch.long, device=pool.device)
+        item_interest_ids[:, 1:][present] = result.labels + 1
+        self.interest_tokenizer.set_state(result.centroids, item_interest_ids)
+        self.config.num_interests = k
+        self.train(was_training)
+        return k
+
+
+class MissrecFusionHead(nn.Module):
+    """Scores candidates: per-modality cosine similarity mixed by softmax(fusion_factor x score) over the
+    modalities the candidate has (`dynamic_*`), or their mean (`static`); with IDs,
+    `id_weight x id_score + (1 - id_weight) x fused` (the original's `(id + 2 fused) / 3`)."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.mode = config.item_fusion
+        self.id_score_weight = config.id_score_weight
+        shape = (config.num_items + 1,) if self.mode == "dynamic_instance" else ()
+        self.fusion_factor = nn.Parameter(torch.full(shape, float(config.fusion_factor_init)))
+
+    def forward(self, sequence_embedding: torch.Tensor, items: ItemTokens) -> torch.Tensor:
+        """Scores `[B, C]` of the B sequences against the C candidates in `items` (not yet / temperature)."""
+        cosines = torch.matmul(sequence_embedding.unsqueeze(0), items.modality_tokens.transpose(1, 2))  # [M,B,C]
+        factor = self.fusion_factor
+        if self.mode == "dynamic_instance":
+            factor = factor[items.first_item_id : items.first_item_id + items.modality_tokens.shape[1]]
+        id_scores = None if items.id_tokens is None else sequence_embedding @ items.id_tokens.T
+        return self._combine(cosines, items.present.unsqueeze(1), factor, id_scores)
+
+    def score_pairs(self, sequence_embedding: torch.Tensor, items: ItemTokens, item_ids: torch.Tensor) -> torch.Tensor:
+        """Score `[B]` of sequence b against item `item_ids[b]` only (e.g. each user's target)."""
+        columns = item_ids - items.first_item_id
+        cosines = (items.modality_tokens[:, columns] * sequence_embedding.unsqueeze(0)).sum(-1)  # [M, B]
+        factor = self.fusion_factor[item_ids] if self.mode == "dynamic_instance" else self.fusion_factor
+        id_scores = None if items.id_tokens is None else (items.id_tokens[columns] * sequence_embedding).sum(-1)
+        return self._combine(cosines, items.present[:, columns], factor, id_scores)
+
+    def _combine(
+        self, cosines: torch.Tensor, present: torch.Tensor, factor: torch.Tensor, id_scores: torch.Tensor | None
+    ) -> torch.Tensor:
+        present = present.to(cosines.dtype)
+        if self.mode == "static":
+            fused = (cosines * present).sum(0) / present.sum(0).clamp_min(1.0)
+        else:
+            logits = torch.where(present.bool(), factor * cosines, torch.full_like(cosines, _MASKED_LOGIT))
+            fused = (torch.softmax(logits, dim=0) * present * cosines).sum(0)
+        if id_scores is None:
+            return fused
+        return self.id_score_weight * id_scores + (1.0 - self.id_score_weight) * fused
+
+
+class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
+    """MISSRec for next-item recommendation over one domain's catalogue, trained with full-softmax CE.
+
+    The catalogue (frozen features `[num_items + 1, F_m]` per modality, row 0 padding, and the modality-present
+    mask) is a set of buffers, so a saved model carries everything it needs to recommend. Fill it with
+    [`load_item_features`], then call [`refresh_interests`] (the trainer does this before every epoch).
+    """
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__(config)
+        self.missrec = MissrecModel(config)
+        self.fusion = MissrecFusionHead(config)
+        for m in config.modalities:
+            self.register_buffer(f"{m}_features", torch.zeros(config.num_items + 1, config.feature_size(m)))
+        self.register_buffer(
+            "item_modality_present", torch.zeros(len(config.modalities), config.num_items + 1, dtype=torch.bool)
+        )
+        # Input validation costs a host-device sync per step; the trainer turns it off for data it validated.
+        self.check_inputs = True
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------- catalogue
+    def feature_buffer_names(self) -> list[str]:
+        return [f"{m}_features" for m in self.config.modalities]
+
+    @property
+    def item_features(self) -> dict[str, torch.Tensor]:
+        """`{modality: [num_items + 1, F_m]}` frozen features, row 0 = padding."""
+        return {m: getattr(self, f"{m}_features") for m in self.config.modalities}
+
+    @torch.no_grad()
+    def load_item_features(
+        self,
+        features: Mapping[str, torch.Tensor | np.ndarray],
+        modality_present: Mapping[str, torch.Tensor | np.ndarray] | None = None,
+    ) -> None:
+        """Fill the catalogue. `features[m]` has one row per item, `[num_items, F_m]` (row i = item id i + 1).
+
+        A modality is missing for an item when its row is all zeros, unless `modality_present` says otherwise.
+        """
+        n = self.config.num_items
+        for m in self.config.modalities:
+            if m not in features:
+                raise ValueError(f"load_item_features: no features for modality {m!r}; got {sorted(features)}.")
+            table = torch.as_tensor(np.asarray(features[m]) if not torch.is_tensor(features[m]) else features[m])
+            expected = (n, self.config.feature_size(m))
+            if tuple(table.shape) != expected:
+                raise ValueError(
+                    f"load_item_features: features[{m!r}] has shape {tuple(table.shape)}, expected {expected} "
+                    f"(num_items x {m}_feature_size)."
+                )
+            if not torch.isfinite(table).all():
+                row = int((~torch.isfinite(table)).any(1).nonzero()[0, 0])
+                raise ValueError(f"load_item_features: features[{m!r}] row {row} holds NaN or inf.")
+            buffer = getattr(self, f"{m}_features")
+            buffer[0] = 0
+            buffer[1:] = table.to(buffer.device, buffer.dtype)
+        for index, m in enumerate(self.config.modalities):
+            if modality_present is not None and m in modality_present:
+                mask = torch.as_tensor(np.asarray(modality_present[m])).bool().reshape(-1)
+                if mask.shape[0] != n:
+                    raise ValueError(
+                        f"load_item_features: modality_present[{m!r}] has {mask.shape[0]} rows, expected {n}."
+                    )
+            else:
+                mask = getattr(self, f"{m}_features")[1:].ne(0).any(1)
+            self.item_modality_present[index, 0] = False
+            self.item_modality_present[index, 1:] = mask.to(self.item_modality_present.device)
+
+    def refresh_interests(self, seed: int = 0) -> int:
+        """Re-cluster the interests over this catalogue (see [`MissrecModel.refresh_interests`]). Returns K."""
+        return self.missrec.refresh_interests(self.item_features, self.item_modality_present, seed=seed)
+
+    def _catalog_raw_tokens(self) -> torch.Tensor:
+        return self.missrec.adapt(self.item_features)  # [M, N + 1, H]
+
+    def _present(self) -> torch.Tensor:
+        if self.config.mask_missing_modalities:
+            return self.item_modality_present
+        present = torch.ones_like(self.item_modality_present)
+        present[:, 0] = False
+        return present
+
+    def item_tokens(self, raw_tokens: torch.Tensor | None = None) -> ItemTokens:
+        """Candidate representations of the whole catalogue (ids 0..num_items).
+
+        With one modality the token and the ID embedding are summed before normalising, as the original did;
+        with several, each modality is normalised on its own and the ID gets its own score."""
+        raw = self._catalog_raw_tokens() if raw_tokens is None else raw_tokens
+        present = self._present()
+        ids = self.missrec.item_embeddings.weight if self.missrec.item_embeddings is not None else None
+        if raw.shape[0] == 1 and ids is not None:
+            combined = raw[0] * present[0].unsqueeze(-1).to(raw.dtype) + ids
+            return ItemTokens(F.normalize(combined).unsqueeze(0), torch.ones_like(present), None, 0)
+        id_tokens = None if ids is None else F.normalize(ids)
+        return ItemTokens(F.normalize(raw, dim=-1), present, id_tokens, 0)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def _check_input_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length]; got shape {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] > self.config.max_seq_length:
+            raise ValueError(
+                f"input_ids has length {input_ids.shape[1]}, expected at most max_seq_length="
+                f"{self.config.max_seq_length} (keep the most recent items)."
+            )
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high > self.config.num_items:
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids holds item id {bad}, expected ids in 0..{self.config.num_items}.")
+        real = input_ids != 0 if attention_mask is None else attention_mask.bool()
+        empty = (~real.any(1)).nonzero()
+        if empty.numel():
+            raise ValueError(f"input_ids row {int(empty[0, 0])} is an empty history; expected at least one item.")
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, raw_tokens=None):
+        """Backbone output for histories `input_ids` `[B, L]`, item tokens looked up in the catalogue."""
+        if self.check_inputs:
+            self._check_input_ids(input_ids, attention_mask)
+        raw = self._catalog_raw_tokens() if raw_tokens is None else raw_tokens
+        return self.missrec(
+            input_ids,
+            item_tokens=raw[:, input_ids],
+            modality_mask=self._present()[:, input_ids],
+            attention_mask=attention_mask,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MissrecSequentialRecommendationOutput | tuple:
+        """Logits over the whole catalogue for histories `input_ids`; with `labels` `[B]` (target item ids) the
+        loss. As the original, the full softmax runs over all items; fix: the padding column is excluded."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None and self.check_inputs:
+            if int(labels.min()) < 1 or int(labels.max()) > self.config.num_items:
+                raise ValueError(f"labels must be item ids in 1..{self.config.num_items}.")
+        raw = self._catalog_raw_tokens()
+        backbone = self.encode(input_ids, attention_mask, raw_tokens=raw)
+        scores = self.fusion(backbone.sequence_embedding, self.item_tokens(raw))
+        logits = scores / self.config.temperature
+        logits = torch.cat([torch.full_like(logits[:, :1], float("-inf")), logits[:, 1:]], dim=1)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels)
+            loss = loss + self.config.interest_reg_weight * backbone.interest_regularization
+        if not return_dict:
+            output = (logits, backbone.sequence_embedding, backbone.interest_regularization)
+            return (loss, *output) if loss is not None else output
+        return MissrecSequentialRecommendationOutput(
+            loss=loss,
+            logits=logits,
+            sequence_embedding=backbone.sequence_embedding,
+            interest_regularization=backbone.interest_regularization,
+        )
+
+    @torch.no_grad()
+    def score_items(self, sequence_embedding: torch.Tensor, items: ItemTokens, start: int, end: int) -> torch.Tensor:
+        """Scores (before temperature) of item ids `start..end-1`: the block function of the streaming
+        full-ranking evaluator, so evaluation and recommendation use exactly the training scores."""
+        return self.fusion(sequence_embedding, items.slice(start, end))
+
+
+MissrecConfig.register_for_auto_class()
+MissrecForSequentialRecommendation.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "ItemTokens",
+    "MissrecForSequentialRecommendation",
+    "MissrecModel",
+    "MissrecModelOutput",
+    "MissrecPreTrainedModel",
+    "MissrecSequentialRecommendationOutput",
+]

@@ -1,0 +1,566 @@
+"""The one Accelerate training loop behind `run_finetune.py` (CPU, one GPU, several GPUs).
+
+Per epoch: refresh the interests (k-means on the main process, broadcast to the others), train with
+full-softmax cross-entropy plus the interest regulariser, evaluate on valid by streaming full ranking, keep the
+best model (early stopping on NDCG@10, ties count as improvement as in the original), checkpoint atomically.
+At the end the best model is evaluated once on test and written with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast, broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import HistoryDataset, ItemCatalog, LengthGroupedBatchSampler, identity_collate
+from .metrics import metrics_from_ranks, streaming_ranks
+from .modeling_missrec import MissrecForSequentialRecommendation
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+BEST_DIR = "best_model"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainingArguments:
+    """How to train and evaluate. Defaults are the original's fine-tuning settings (reference §5, §11)."""
+
+    output_dir: str = field(default="outputs/missrec", metadata={"help": "Where the model, metrics and checkpoints go."})
+    num_train_epochs: int = field(default=300, metadata={"help": "Maximum epochs (early stopping usually ends sooner)."})
+    train_batch_size: int = field(default=512, metadata={"help": "Training batch size per step, over all processes."})
+    eval_batch_size: int = field(default=1024, metadata={"help": "Users per evaluation batch, over all processes."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (L2, as torch.optim.Adam)."})
+    seed: int = field(default=2020, metadata={"help": "Seeds python, numpy, torch, batch order and k-means."})
+    early_stopping_patience: int = field(
+        default=10, metadata={"help": "Stop after this many evaluations without reaching the best (ties improve)."}
+    )
+    metric_for_best_model: str = field(default="ndcg@10", metadata={"help": "Validation metric for early stopping."})
+    eval_ks: list[int] = field(default_factory=lambda: [10, 50], metadata={"help": "Cut-offs K of HR/NDCG@K."})
+    metric_cutoff_offset: int = field(
+        default=0,
+        metadata={"help": "0 = standard @K. 1 = the original code's @K+1 numbers (its early stopping used it too)."},
+    )
+    exclude_history: bool = field(default=False, metadata={"help": "Remove the user's history items from the ranking."})
+    eval_block_size: int = field(default=8192, metadata={"help": "Items scored at once by the streaming evaluator."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (autocast on the accelerator)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    group_by_length: bool = field(
+        default=True, metadata={"help": "Batch similar history lengths together (less padding, faster epochs)."}
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'latest' for <output_dir>/checkpoint."}
+    )
+    report_to: str = field(default="auto", metadata={"help": "Tracker: tensorboard, none, or auto (if installed)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide progress bars."})
+    max_steps_per_epoch: int | None = field(default=None, metadata={"help": "Cut epochs short (smoke tests)."})
+
+
+@dataclass
+class DataArguments:
+    """Which atomic files to read (reference §2.1). Paths may use environment variables, e.g.
+    `${MISSREC_DATA_ROOT}/Scientific_mm_full`."""
+
+    data_dir: str = field(default="data/scientific_mm", metadata={"help": "Folder with the X.*.inter files."})
+    dataset_name: str | None = field(default=None, metadata={"help": "X in X.train.inter (found if only one)."})
+    text_features: str | None = field(
+        default="Scientific.feat1CLS", metadata={"help": "Text feature file in data_dir (.feat* raw float32 or .npy)."}
+    )
+    image_features: str | None = field(
+        default="Scientific.feat3CLS", metadata={"help": "Image feature file in data_dir; empty to use no image."}
+    )
+    text_feature_size: int | None = field(
+        default=512, metadata={"help": "Width of a raw text feature file (.npy files carry their own)."}
+    )
+    image_feature_size: int | None = field(
+        default=512, metadata={"help": "Width of a raw image feature file (.npy files carry their own)."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where the parsed splits are cached."})
+
+    def feature_files(self) -> dict[str, str]:
+        files = {"text": self.text_features, "image": self.image_features}
+        return {m: f for m, f in files.items() if f}
+
+    def feature_sizes(self) -> dict[str, int]:
+        sizes = {"text": self.text_feature_size, "image": self.image_feature_size}
+        return {m: size for m, size in sizes.items() if size and not str(self.feature_files().get(m, "")).endswith(".npy")}
+
+    def resolved_data_dir(self) -> str:
+        resolved = os.path.expandvars(os.path.expanduser(self.data_dir))
+        if "$" in resolved:
+            raise ValueError(f"data_dir={self.data_dir!r}: an environment variable in it is not set")
+        return resolved
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train. The modalities follow the feature files given in the data arguments."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A saved MISSRec folder to start from (None = from scratch)."}
+    )
+    mode: str = field(
+        default="transductive", metadata={"help": "transductive (item ID table + content) or inductive (content only)."}
+    )
+    interest_ratio: float = field(default=0.5, metadata={"help": "K = ceil(ratio x item tokens) interests."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Other MissrecConfig fields, 'name=value,name=value' (e.g. 'hidden_dropout_prob=0.3')."},
+    )
+
+    def __post_init__(self):
+        if self.mode not in ("transductive", "inductive"):
+            raise ValueError(f"mode={self.mode!r} is invalid; allowed: 'transductive' or 'inductive'.")
+
+
+def parse_overrides(text: str | None) -> dict:
+    """'a=1,b=0.5,c=text' -> {'a': 1, 'b': 0.5, 'c': 'text'} (values parsed as JSON when they can be)."""
+    overrides = {}
+    for part in filter(None, (text or "").split(",")):
+        if "=" not in part:
+            raise ValueError(f"config_overrides: {part!r} is not 'name=value'")
+        name, value = (x.strip() for x in part.split("=", 1))
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name] = value
+    return overrides
+
+
+def build_model(model_args: ModelArguments, catalog: ItemCatalog) -> MissrecForSequentialRecommendation:
+    """A recommender for `catalog`: from scratch, or from a saved MISSRec (its matching weights are kept;
+    anything whose shape depends on the catalogue, such as the ID table, is rebuilt for this one)."""
+    from .configuration_missrec import MissrecConfig
+
+    settings = {
+        "num_items": catalog.num_items,
+        "use_item_ids": model_args.mode == "transductive",
+        "modalities": list(catalog.features),
+        "interest_ratio": model_args.interest_ratio,
+        **{f"{m}_feature_size": catalog.feature_size(m) for m in catalog.features},
+        **parse_overrides(model_args.config_overrides),
+    }
+    if model_args.model_name_or_path is None:
+        model = MissrecForSequentialRecommendation(MissrecConfig(**settings))
+    else:
+        source = MissrecConfig.from_pretrained(model_args.model_name_or_path)
+        config = MissrecConfig(**{**source.to_diff_dict(), **settings, "num_interests": 0})
+        model = MissrecForSequentialRecommendation(config)
+        _load_matching_weights(model, model_args.model_name_or_path)
+    model.load_item_features(catalog.features, catalog.present)
+    return model
+
+
+def _load_matching_weights(model: MissrecForSequentialRecommendation, directory: str) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(directory) / "model.safetensors"))
+    own = model.state_dict()
+    catalogue_specific = ("_features", "item_modality_present", "interest_tokenizer.")
+    kept, rebuilt = {}, []
+    for name, tensor in saved.items():
+        if name in own and own[name].shape == tensor.shape and not any(t in name for t in catalogue_specific):
+            kept[name] = tensor
+        elif name in own:
+            rebuilt.append(name)
+    model.load_state_dict(kept, strict=False)
+    fresh = sorted(set(own) - set(kept) - {n for n in own if any(t in n for t in catalogue_specific)})
+    logger.info("loaded %d tensors from %s; initialised for this catalogue: %s", len(kept), directory, fresh or "none")
+
+
+@dataclass
+class TrainerState:
+    """What a resumed run needs besides the weights and the optimiser: saved as JSON in every checkpoint."""
+
+    epoch: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    num_interests: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def _write_json_atomically(path: Path, payload: Mapping) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(payload, indent=2, default=float))
+    os.replace(temporary, path)
+
+
+def _replace_directory(temporary: Path, final: Path) -> None:
+    """Swap a fully written folder into place; the previous one is removed only after the swap."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(temporary, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temporary, final)
+
+
+def refresh_interests(accelerator: Accelerator, model: MissrecForSequentialRecommendation, seed: int) -> int:
+    """k-means once on the main process; every other process receives the same centroids and interest ids."""
+    if accelerator.num_processes == 1:
+        return model.refresh_interests(seed=seed)
+    tokenizer = model.missrec.interest_tokenizer
+    k = [model.refresh_interests(seed=seed) if accelerator.is_main_process else 0]
+    broadcast_object_list(k)
+    if not accelerator.is_main_process:
+        tokenizer.centroids = torch.zeros(k[0] + 1, model.config.hidden_size, device=tokenizer.centroids.device)
+        model.config.num_interests = k[0]
+    tokenizer.centroids = broadcast(tokenizer.centroids.contiguous())
+    tokenizer.item_interest_ids = broadcast(tokenizer.item_interest_ids.contiguous())
+    return k[0]
+
+
+@torch.no_grad()
+def evaluate_ranking(
+    model: MissrecForSequentialRecommendation,
+    loader: DataLoader,
+    accelerator: Accelerator | None = None,
+    ks: tuple[int, ...] = (10, 50),
+    exclude_history: bool = False,
+    block_size: int = 8192,
+    show_progress: bool = False,
+    description: str = "eval",
+) -> tuple[dict[str, float], dict[str, float], torch.Tensor]:
+    """Full ranking of every user's target among all items, streaming over item blocks.
+
+    Returns the standard @K metrics, the @K+1 metrics of the original code, and the ranks (all processes)."""
+    was_training = model.training
+    model.eval()
+    raw = model._catalog_raw_tokens()
+    items = model.item_tokens(raw)
+    all_ranks = []
+    for batch in tqdm(loader, desc=description, disable=not show_progress, leave=False):
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        sequence = model.encode(input_ids, batch["attention_mask"], raw_tokens=raw).sequence_embedding
+        result = streaming_ranks(
+            lambda start, end, s=sequence: model.score_items(s, items, start, end),
+            model.fusion.score_pairs(sequence, items, labels),
+            labels,
+            model.config.num_items,
+            block_size=block_size,
+            exclude_items=input_ids if exclude_history else None,
+        )
+        ranks = result.ranks
+        if accelerator is not None:
+            ranks = accelerator.gather_for_metrics(ranks)
+        all_ranks.append(ranks.cpu())
+    model.train(was_training)
+    ranks = torch.cat(all_ranks)
+    return metrics_from_ranks(ranks, ks, 0), metrics_from_ranks(ranks, ks, 1), ranks
+
+
+def build_loader(
+    split, max_seq_length: int, batch_size: int, shuffle: bool, seed: int, group_by_length: bool, num_workers: int
+) -> DataLoader:
+    dataset = HistoryDataset(split, max_seq_length)
+    sampler = LengthGroupedBatchSampler(
+        dataset.lengths, batch_size, shuffle=shuffle, seed=seed, group_factor=50 if group_by_length else 1
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=identity_collate,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _make_accelerator(args: TrainingArguments) -> Accelerator:
+    log_with = None
+    if args.report_to in ("auto", "tensorboard"):
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            if args.report_to == "tensorboard":
+                raise
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=args.output_dir,
+    )
+
+
+def _format_metrics(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "num_users")
+
+
+class MissrecTrainer:
+    """Fine-tunes a [`MissrecForSequentialRecommendation`] on one domain.
+
+    model: built for `catalog` (its features already loaded); dataset: a DatasetDict with train/valid/test.
+    """
+
+    def __init__(self, model: MissrecForSequentialRecommendation, dataset, catalog: ItemCatalog, args: TrainingArguments):
+        self.args = args
+        self.catalog = catalog
+        self.accelerator = _make_accelerator(args)
+        set_seed(args.seed)
+        self.output_dir = Path(args.output_dir)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        model.check_inputs = False  # the loader validated every row; avoid a host sync per step
+        self.model = model
+        world = self.accelerator.num_processes
+        if args.train_batch_size % (world * args.gradient_accumulation_steps):
+            raise ValueError(
+                f"train_batch_size={args.train_batch_size} must be divisible by processes x accumulation steps "
+                f"({world} x {args.gradient_accumulation_steps})."
+            )
+        per_device = args.train_batch_size // (world * args.gradient_accumulation_steps)
+        max_len = model.config.max_seq_length
+        self.train_loader = build_loader(
+            dataset["train"], max_len, per_device, True, args.seed, args.group_by_length, args.dataloader_num_workers
+        )
+        eval_per_device = max(1, args.eval_batch_size // world)
+        self.valid_loader = build_loader(dataset["valid"], max_len, eval_per_device, False, args.seed, True, 0)
+        self.test_loader = build_loader(dataset["test"], max_len, eval_per_device, False, args.seed, True, 0)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.prepared_model, self.optimizer, self.train_loader, self.valid_loader, self.test_loader = (
+            self.accelerator.prepare(model, self.optimizer, self.train_loader, self.valid_loader, self.test_loader)
+        )
+        self.state = TrainerState()
+
+    # ------------------------------------------------------------------------------------------- utils
+    @property
+    def unwrapped(self) -> MissrecForSequentialRecommendation:
+        return self.accelerator.unwrap_model(self.prepared_model)
+
+    def log(self, message: str, *args) -> None:
+        if self.accelerator.is_main_process:
+            logger.info(message, *args)
+
+    def _evaluate(self, loader: DataLoader, description: str):
+        return evaluate_ranking(
+            self.unwrapped,
+            loader,
+            self.accelerator,
+            tuple(self.args.eval_ks),
+            self.args.exclude_history,
+            self.args.eval_block_size,
+            show_progress=self.accelerator.is_main_process and not self.args.disable_tqdm,
+            description=description,
+        )
+
+    # --------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        """Weights, optimiser, RNG states and trainer state, swapped into `<output_dir>/checkpoint` at once."""
+        final = self.output_dir / CHECKPOINT_DIR
+        temporary = self.output_dir / f".{CHECKPOINT_DIR}.tmp"
+        if self.accelerator.is_main_process and temporary.exists():
+            shutil.rmtree(temporary)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(temporary))
+        if self.accelerator.is_main_process:
+            _write_json_atomically(temporary / STATE_FILE, asdict(self.state))
+            _replace_directory(temporary, final)
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, path: str) -> None:
+        directory = self.output_dir / CHECKPOINT_DIR if path == "latest" else Path(path)
+        state_file = directory / STATE_FILE
+        if not state_file.exists():
+            raise FileNotFoundError(f"resume_from_checkpoint: {state_file} not found (no finished epoch saved there)")
+        self.state = TrainerState(**json.loads(state_file.read_text()))
+        # The interest centroids change shape with K: give the buffer the saved shape before loading into it.
+        tokenizer = self.unwrapped.missrec.interest_tokenizer
+        tokenizer.centroids = torch.zeros(
+            self.state.num_interests + 1, self.unwrapped.config.hidden_size, device=tokenizer.centroids.device
+        )
+        self.unwrapped.config.num_interests = self.state.num_interests
+        self.accelerator.load_state(str(directory))
+        self.log("resumed from %s after epoch %d", directory, self.state.epoch)
+
+    def save_model(self, directory: Path) -> None:
+        """`save_pretrained` into a temporary folder, then swapped in: a killed run never leaves half a model."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            temporary = directory.with_name(f".{directory.name}.tmp")
+            if temporary.exists():
+                shutil.rmtree(temporary)
+            self.unwrapped.save_pretrained(temporary)
+            (temporary / "item_ids.json").write_text(
+                json.dumps({"raw_item_ids": self.catalog.raw_item_ids}, ensure_ascii=False)
+            )
+            _replace_directory(temporary, directory)
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------------ training
+    def train_epoch(self, epoch: int) -> float:
+        model, args = self.prepared_model, self.args
+        model.train()
+        _set_sampler_epoch(self.train_loader, epoch)
+        total = torch.zeros((), device=self.accelerator.device)
+        steps = 0
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch}",
+            disable=not self.accelerator.is_main_process or args.disable_tqdm,
+            leave=False,
+        )
+        for step, batch in enumerate(bar):
+            if args.max_steps_per_epoch is not None and step >= args.max_steps_per_epoch:
+                break
+            with self.accelerator.accumulate(model):
+                output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+                self.accelerator.backward(output.loss)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += output.loss.detach()
+            steps += 1
+        return float(total) / max(steps, 1)
+
+    def train(self) -> dict:
+        args, state = self.args, self.state
+        if args.resume_from_checkpoint:
+            self.load_checkpoint(args.resume_from_checkpoint)
+        if self.accelerator.is_main_process and self.accelerator.log_with:
+            self.accelerator.init_trackers("missrec", config={k: v for k, v in asdict(args).items() if v is not None and not isinstance(v, list)})
+        metric = args.metric_for_best_model
+        self.log(
+            "evaluation protocol: full ranking over %d items (padding excluded), ties count against the target, "
+            "history %s, metrics @K with K=%s (offset %d), early stopping on valid %s with patience %d",
+            self.catalog.num_items,
+            "excluded" if args.exclude_history else "not excluded",
+            args.eval_ks,
+            args.metric_cutoff_offset,
+            metric,
+            args.early_stopping_patience,
+        )
+        for epoch in range(state.epoch, args.num_train_epochs):
+            started = time.perf_counter()
+            k = refresh_interests(self.accelerator, self.unwrapped, seed=args.seed + epoch)
+            clustered = time.perf_counter()
+            loss = self.train_epoch(epoch)
+            trained = time.perf_counter()
+            standard, shifted, _ = self._evaluate(self.valid_loader, "valid")
+            valid = shifted if args.metric_cutoff_offset else standard
+            evaluated = time.perf_counter()
+            record = {
+                "epoch": epoch,
+                "loss": loss,
+                "num_interests": k,
+                "cluster_seconds": clustered - started,
+                "train_seconds": trained - clustered,
+                "eval_seconds": evaluated - trained,
+                **{f"valid_{name}": value for name, value in valid.items()},
+            }
+            state.history.append(record)
+            state.train_seconds += trained - started
+            state.num_interests = k
+            self.log(
+                "epoch %d: loss %.4f, K=%d, cluster %.1fs, train %.1fs, eval %.1fs | valid %s",
+                epoch, loss, k, record["cluster_seconds"], record["train_seconds"], record["eval_seconds"],
+                _format_metrics(valid),
+            )
+            if self.accelerator.log_with:
+                self.accelerator.log({k_: v for k_, v in record.items() if k_ != "epoch"}, step=epoch)
+            if valid[metric] >= state.best_metric:
+                state.best_metric, state.best_epoch = valid[metric], epoch
+                state.epochs_without_improvement = 0
+                self.save_model(self.output_dir / BEST_DIR)
+            else:
+                state.epochs_without_improvement += 1
+            state.epoch = epoch + 1
+            self.save_checkpoint()
+            if state.epochs_without_improvement > args.early_stopping_patience:
+                self.log("early stopping: no improvement of valid %s for %d epochs", metric, state.epochs_without_improvement)
+                break
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Reload the best model, evaluate it on valid and test, write the final model and the metrics."""
+        best_dir = self.output_dir / BEST_DIR
+        if best_dir.exists():
+            self._load_weights_from(best_dir)
+        valid, valid_shifted, _ = self._evaluate(self.valid_loader, "valid")
+        test, test_shifted, _ = self._evaluate(self.test_loader, "test")
+        epochs = len(self.state.history)
+        metrics = {
+            "best_epoch": self.state.best_epoch,
+            "epochs_run": epochs,
+            "num_interests": self.state.num_interests,
+            "seconds_per_epoch": self.state.train_seconds / max(epochs, 1),
+            "valid": valid,
+            "valid_at_k_plus_1": valid_shifted,
+            "test": test,
+            "test_at_k_plus_1": test_shifted,
+            "history": self.state.history,
+        }
+        if self.accelerator.is_main_process:
+            self.save_model(self.output_dir)
+            _write_json_atomically(self.output_dir / "metrics.json", metrics)
+            (self.output_dir / "results.md").write_text(results_table(metrics, self.args.eval_ks))
+        else:
+            self.save_model(self.output_dir)
+        if self.accelerator.log_with:
+            self.accelerator.end_training()
+        return metrics
+
+    def _load_weights_from(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "model.safetensors"), device=str(self.accelerator.device))
+        tokenizer = self.unwrapped.missrec.interest_tokenizer
+        key = "missrec.interest_tokenizer.centroids"
+        tokenizer.centroids = torch.zeros_like(state[key])
+        self.unwrapped.config.num_interests = state[key].shape[0] - 1
+        missing, unexpected = self.unwrapped.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"best model does not match: missing {missing}, unexpected {unexpected}")
+
+
+def _set_sampler_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reach the LengthGroupedBatchSampler through Accelerate's wrappers (BatchSamplerShard)."""
+    sampler = loader.batch_sampler
+    for _ in range(3):
+        if hasattr(sampler, "set_epoch") and isinstance(sampler, LengthGroupedBatchSampler):
+            sampler.set_epoch(epoch)
+            return
+        sampler = getattr(sampler, "batch_sampler", None)
+        if sampler is None:
+            break
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+
+
+def results_table(metrics: Mapping, ks) -> str:
+    """A Markdown table of valid/test metrics at @K and the original's @K+1."""
+    columns = [f"{name}@{k}" for k in ks for name in ("hr", "ndcg")] + ["mrr"]
+    lines = [
+        f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
+        f"{metrics['seconds_per_epoch']:.1f} s per epoch",
+        "",
+        "| split | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for split in ("valid", "valid_at_k_plus_1", "test", "test_at_k_plus_1"):
+        values = metrics[split]
+        label = split.replace("_at_k_plus_1", " (@K+1, as the original)")
+        lines.append(f"| {label} | " + " | ".join(f"{values[c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["MissrecTrainer", "TrainerState", "TrainingArguments", "evaluate_ranking", "refresh_interests"]
