@@ -55,6 +55,8 @@ class MissrecConfig(PreTrainedConfig):
             clustered); stored so that a saved model rebuilds buffers of the right shape.
         kmeans_init (`str`, "k-means++"), kmeans_max_iterations (`int`, 10), kmeans_tolerance (`float`, 1e-4):
             the clustering. The original made one random-init Lloyd step (its error test was always 0).
+        kmeans_warm_start (`bool`, True): start each refresh from the previous centroids when K is unchanged
+            (k-means++ seeding is sequential in K and dominates the cost of a per-epoch refresh).
         interest_reg_weight (`float`, 1e-4): gamma, weight of the interest regulariser.
         interest_reg_reduction (`str`, "sum"): the original sums the regulariser over the batch; "mean" divides
             it by the batch size (independent of how a batch is split over processes).
@@ -100,6 +102,7 @@ class MissrecConfig(PreTrainedConfig):
     kmeans_init: str = "k-means++"
     kmeans_max_iterations: int = 10
     kmeans_tolerance: float = 1e-4
+    kmeans_warm_start: bool = True
     interest_reg_weight: float = 1e-4
     interest_reg_reduction: str = "sum"
     item_fusion: str = "dynamic_shared"

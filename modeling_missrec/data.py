@@ -423,7 +423,8 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         if not self.shuffle:
             # Evaluation: longest first, so batch widths shrink and the first batch shows the peak memory.
             order = np.argsort(-self.lengths, kind="stable")
-            yield from (order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size))
+            stop = n - n % self.batch_size if self.drop_last else n  # keep in step with __len__
+            yield from (order[i : i + self.batch_size].tolist() for i in range(0, stop, self.batch_size))
             return
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(n)

@@ -410,7 +410,8 @@ class MissrecModel(MissrecPreTrainedModel):
         item_features: `{modality: [num_items + 1, F_m]}` (row 0 padding); modality_present: `[M, num_items + 1]`.
         Every present item token of every modality goes into one pool; K = ceil(interest_ratio x pool size).
         Fix: missing-modality tokens are left out of the pool (with `mask_missing_modalities`), and k-means runs
-        to convergence with k-means++ (the original made one random-init step on |x|). Returns K.
+        to convergence with k-means++ (the original made one random-init step on |x|); later refreshes start
+        from the previous centroids (`kmeans_warm_start`). Returns K.
         """
         was_training = self.training
         self.eval()
@@ -422,6 +423,8 @@ class MissrecModel(MissrecPreTrainedModel):
         if pool.shape[0] == 0:
             raise ValueError("refresh_interests: no item has any modality present; nothing to cluster.")
         k = num_interests(pool.shape[0], self.config.interest_ratio)
+        previous = self.interest_tokenizer.centroids[1:]
+        warm = self.config.kmeans_warm_start and previous.shape[0] == k and bool(previous.any())
         result = kmeans(
             pool,
             k,
@@ -429,6 +432,7 @@ class MissrecModel(MissrecPreTrainedModel):
             tolerance=self.config.kmeans_tolerance,
             init=self.config.kmeans_init,
             seed=seed,
+            initial_centroids=previous.float() if warm else None,
         )
         item_interest_ids = torch.zeros(present.shape[0], present.shape[1] + 1, dtype=torch.long, device=pool.device)
         item_interest_ids[:, 1:][present] = result.labels + 1
@@ -549,6 +553,14 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
                 mask = getattr(self, f"{m}_features")[1:].ne(0).any(1)
             self.item_modality_present[index, 0] = False
             self.item_modality_present[index, 1:] = mask.to(self.item_modality_present.device)
+
+    def freeze_backbone_for_transfer(self) -> int:
+        """The paper's parameter-efficient transfer: freeze the position embedding, the encoder and the decoder;
+        the adaptors, the input LayerNorm, the fusion factor and (transductive) the ID table stay trainable.
+        Returns the number of trainable parameters."""
+        for module in (self.missrec.position_embeddings, self.missrec.encoder, self.missrec.decoder):
+            module.requires_grad_(False)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def refresh_interests(self, seed: int = 0) -> int:
         """Re-cluster the interests over this catalogue (see [`MissrecModel.refresh_interests`]). Returns K."""

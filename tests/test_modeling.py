@@ -1,0 +1,365 @@
+"""The model: configuration, parameter counts, interests, fusion, masking, gradients, errors, save/reload."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation, MissrecModel
+from modeling_missrec.interests import reference_interest_sets
+
+NUM_ITEMS = 30
+
+
+def tiny_config(**overrides) -> MissrecConfig:
+    settings = dict(
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=32,
+        text_feature_size=8,
+        image_feature_size=6,
+        num_items=NUM_ITEMS,
+        max_seq_length=12,
+        hidden_dropout_prob=0.1,
+        attention_dropout_prob=0.1,
+    )
+    settings.update(overrides)
+    return MissrecConfig(**settings)
+
+
+def tiny_features(num_items: int = NUM_ITEMS, missing_images: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    features = {"text": torch.randn(num_items, 8, generator=generator), "image": torch.randn(num_items, 6, generator=generator)}
+    features["image"][:missing_images] = 0  # items 1..missing_images have no image
+    return features
+
+
+def tiny_model(**overrides) -> MissrecForSequentialRecommendation:
+    torch.manual_seed(0)
+    model = MissrecForSequentialRecommendation(tiny_config(**overrides))
+    model.load_item_features(tiny_features())
+    model.refresh_interests(seed=0)
+    return model
+
+
+def histories() -> torch.Tensor:
+    return torch.tensor([[3, 7, 9, 0, 0], [1, 2, 3, 4, 5], [30, 0, 0, 0, 0], [12, 12, 4, 0, 0]])
+
+
+# ------------------------------------------------------------------------------------------ configuration
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("hidden_size", 301, "not divisible"),
+        ("modalities", ["text", "audio"], "modalities"),
+        ("hidden_dropout_prob", 1.0, r"\[0, 1\)"),
+        ("attention_dropout_prob", -0.1, r"\[0, 1\)"),
+        ("item_fusion", "concat", "dynamic_shared"),
+        ("temperature", 0.0, "temperature"),
+        ("interest_ratio", 0.0, "interest_ratio"),
+        ("num_items", -1, "num_items"),
+    ],
+)
+def test_invalid_config_values_name_the_field_and_the_allowed_values(field, value, fragment):
+    with pytest.raises(ValueError, match=fragment) as error:
+        MissrecConfig(**{field: value})
+    assert field in str(error.value)
+    assert repr(value) in str(error.value) or str(value) in str(error.value)
+
+
+def test_defaults_are_the_original_hyperparameters():
+    config = MissrecConfig()
+    assert (config.hidden_size, config.num_encoder_layers, config.num_decoder_layers) == (300, 1, 1)
+    assert (config.num_attention_heads, config.intermediate_size, config.hidden_dropout_prob) == (4, 256, 0.5)
+    assert (config.hidden_act, config.layer_norm_eps, config.max_seq_length) == ("gelu", 1e-12, 50)
+    assert (config.temperature, config.interest_ratio, config.item_fusion) == (0.07, 0.5, "dynamic_shared")
+    assert config.modalities == ["text", "image"] and config.text_feature_size == config.image_feature_size == 512
+
+
+# --------------------------------------------------------------------------------------- parameter counts
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_parameter_counts_of_the_reference_configuration():
+    assert trainable(MissrecForSequentialRecommendation(MissrecConfig(use_item_ids=False))) == 1_719_513
+    with_ids = MissrecForSequentialRecommendation(MissrecConfig(num_items=4385, use_item_ids=True))
+    assert trainable(with_ids) == 3_035_313
+    inductive = MissrecForSequentialRecommendation(MissrecConfig(use_item_ids=False))
+    assert inductive.freeze_backbone_for_transfer() == 308_401
+    # frozen catalogue features are buffers, never parameters
+    assert not any("features" in name for name, _ in with_ids.named_parameters())
+
+
+def test_text_and_image_widths_may_differ_and_one_modality_is_enough():
+    model = MissrecForSequentialRecommendation(tiny_config(modalities=["image"], text_feature_size=999))
+    assert set(model.missrec.adaptors) == {"image"}
+    assert model.missrec.adaptors["image"].in_features == 6
+    model.load_item_features({"image": tiny_features()["image"]})
+    model.refresh_interests()
+    output = model(histories(), labels=torch.tensor([1, 2, 3, 4]))
+    assert torch.isfinite(output.loss)
+
+
+# ---------------------------------------------------------------------------------------------- interests
+def test_refresh_builds_the_interest_vocabulary_from_present_tokens():
+    model = tiny_model()
+    tokenizer = model.missrec.interest_tokenizer
+    present_tokens = NUM_ITEMS + (NUM_ITEMS - 5)  # 5 items have no image
+    k = math.ceil(0.5 * present_tokens)
+    assert model.config.num_interests == k
+    assert tokenizer.centroids.shape == (k + 1, 16)
+    assert torch.count_nonzero(tokenizer.centroids[0]) == 0
+    ids = tokenizer.item_interest_ids
+    assert ids.shape == (2, NUM_ITEMS + 1) and (ids[:, 0] == 0).all()
+    assert (ids[1, 1:6] == 0).all(), "a missing image has no image interest"
+    assert (ids[0, 1:] >= 1).all() and (ids[1, 6:] >= 1).all() and ids.max() <= k
+
+
+def test_original_behaviour_clusters_the_missing_modality_bias():
+    model = tiny_model(mask_missing_modalities=False)
+    ids = model.missrec.interest_tokenizer.item_interest_ids
+    assert (ids[:, 1:] >= 1).all()
+    # the five missing images all become the adaptor bias: one identical point, one cluster
+    assert ids[1, 1:6].unique().numel() == 1
+
+
+def test_interest_sets_are_those_of_the_reference_and_ignore_order():
+    model = tiny_model()
+    lookups = list(model.missrec.interest_tokenizer.item_interest_ids)
+    batch = histories()
+    ids, vectors, mask = model.missrec.interest_tokenizer(batch)
+    assert torch.equal(ids, reference_interest_sets(batch, lookups))
+    assert torch.equal(vectors, model.missrec.interest_tokenizer.centroids[ids])
+    permuted = batch.clone()
+    permuted[1] = batch[1].flip(0)
+    assert torch.equal(model.missrec.interest_tokenizer(permuted)[0], ids)
+
+
+def test_encoder_sees_a_set_reordering_history_changes_only_the_decoder_positions():
+    model = tiny_model().eval()
+    a = torch.tensor([[4, 9, 2]])
+    b = torch.tensor([[9, 4, 2]])
+    out_a, out_b = model.encode(a), model.encode(b)
+    torch.testing.assert_close(out_a.interest_hidden_states, out_b.interest_hidden_states)
+    assert not torch.allclose(out_a.sequence_embedding, out_b.sequence_embedding)
+
+
+def test_padding_to_a_wider_batch_does_not_change_the_representation():
+    model = tiny_model().eval()
+    narrow = model.encode(torch.tensor([[5, 6, 7]])).sequence_embedding
+    wide = model.encode(torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0]])).sequence_embedding
+    torch.testing.assert_close(narrow, wide, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+def manual_scores(model, sequence, item_ids):
+    """The paper's fusion written out for single candidates."""
+    tokens = model.missrec.adapt(model.item_features)
+    present = model.item_modality_present
+    ids = model.missrec.item_embeddings.weight
+    factor = model.fusion.fusion_factor
+    scores = []
+    for item in item_ids:
+        cos = [torch.dot(sequence, torch.nn.functional.normalize(tokens[m, item], dim=0)) for m in range(2)]
+        weights = [torch.exp(factor * c) if present[m, item] else torch.zeros(()) for m, c in enumerate(cos)]
+        fused = sum(w * c for w, c in zip(weights, cos)) / sum(weights)
+        id_score = torch.dot(sequence, torch.nn.functional.normalize(ids[item], dim=0))
+        scores.append((id_score + 2 * fused) / 3)
+    return torch.stack(scores)
+
+
+def test_dynamic_fusion_scores_match_the_formula_and_missing_images_are_masked():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.fusion.fusion_factor.fill_(1.7)
+        output = model(histories())
+        sequence = output.sequence_embedding[0]
+        items = list(range(1, NUM_ITEMS + 1))
+        expected = manual_scores(model, sequence, items) / model.config.temperature
+    torch.testing.assert_close(output.logits[0, 1:], expected, rtol=1e-4, atol=1e-4)
+    assert output.logits[:, 0].eq(float("-inf")).all(), "padding is never a candidate"
+
+
+def test_a_missing_modality_does_not_leak_the_adaptor_bias():
+    masked = tiny_model().eval()
+    with torch.no_grad():
+        before = masked(histories()).logits
+        masked.missrec.adaptors["image"].bias.add_(5.0)
+        after = masked(histories()).logits
+    # history 1 and candidates 1..5 have no image; history 3 ([30]) has one, so its embedding changes.
+    # The candidate scores of image-less items for an unchanged sequence embedding must not move:
+    # check through score_pairs with a fixed sequence embedding.
+    sequence = torch.nn.functional.normalize(torch.randn(1, 16), dim=-1)
+    masked_items = masked.item_tokens()
+    base = tiny_model().eval()
+    for model, expect_equal in ((masked, True),):
+        scores_a = model.fusion(sequence, masked_items)[0, 1:6]
+        scores_b = base.fusion(sequence, base.item_tokens())[0, 1:6]
+        assert torch.allclose(scores_a, scores_b) == expect_equal
+    assert not torch.allclose(before, after)
+
+    original = tiny_model(mask_missing_modalities=False).eval()
+    reference = tiny_model(mask_missing_modalities=False).eval()
+    with torch.no_grad():
+        original.missrec.adaptors["image"].bias.add_(5.0)
+        shifted = original.fusion(sequence, original.item_tokens())[0, 1:6]
+        unshifted = reference.fusion(sequence, reference.item_tokens())[0, 1:6]
+    assert not torch.allclose(shifted, unshifted), "the original's behaviour feeds the bias in"
+
+
+def test_score_pairs_equals_the_full_score_matrix_diagonal():
+    model = tiny_model(item_fusion="dynamic_instance").eval()
+    with torch.no_grad():
+        model.fusion.fusion_factor.uniform_(-2, 2)
+        sequence = model.encode(histories()).sequence_embedding
+        items = model.item_tokens()
+        targets = torch.tensor([2, 6, 30, 1])
+        full = model.fusion(sequence, items)
+        pairs = model.fusion.score_pairs(sequence, items, targets)
+        block = model.score_items(sequence, items, 5, 12)
+    torch.testing.assert_close(pairs, full[torch.arange(4), targets])
+    torch.testing.assert_close(block, full[:, 5:12])
+
+
+@pytest.mark.parametrize("fusion", ["static", "dynamic_shared"])
+def test_inductive_and_static_modes_give_finite_losses(fusion):
+    model = tiny_model(use_item_ids=False, item_fusion=fusion)
+    output = model(histories(), labels=torch.tensor([1, 2, 3, 4]))
+    assert torch.isfinite(output.loss) and output.logits.shape == (4, NUM_ITEMS + 1)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_gradient_reaches_every_trainable_parameter_and_padding_row_stays_fixed():
+    model = tiny_model(hidden_dropout_prob=0.0, attention_dropout_prob=0.0)
+    model.train()
+    padding_row = model.missrec.item_embeddings.weight[0].detach().clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        output = model(histories(), labels=torch.tensor([4, 8, 15, 16]))
+        output.loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, f"no gradient for {missing}"
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(model.missrec.item_embeddings.weight[0], padding_row)
+    assert torch.count_nonzero(padding_row) == 0
+
+
+def test_loss_is_cross_entropy_plus_weighted_regulariser():
+    model = tiny_model().eval()
+    labels = torch.tensor([4, 8, 15, 16])
+    output = model(histories(), labels=labels)
+    expected = torch.nn.functional.cross_entropy(output.logits, labels)
+    expected = expected + model.config.interest_reg_weight * output.interest_regularization
+    torch.testing.assert_close(output.loss, expected)
+    assert output.interest_regularization > 0
+
+
+def test_frozen_transfer_leaves_backbone_untouched():
+    model = tiny_model()
+    model.freeze_backbone_for_transfer()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(histories(), labels=torch.tensor([4, 8, 15, 16])).loss.backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param)
+        frozen = any(part in name for part in ("encoder", "decoder", "position_embeddings"))
+        assert changed != frozen, name
+
+
+# -------------------------------------------------------------------------------------------------- errors
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"features\['text'\] has shape \(30, 9\), expected \(30, 8\)"):
+        model.load_item_features({"text": torch.zeros(NUM_ITEMS, 9), "image": torch.zeros(NUM_ITEMS, 6)})
+    with pytest.raises(ValueError, match=r"features\['image'\] has shape \(29, 6\), expected \(30, 6\)"):
+        model.load_item_features({"text": torch.zeros(NUM_ITEMS, 8), "image": torch.zeros(NUM_ITEMS - 1, 6)})
+    nan = torch.zeros(NUM_ITEMS, 8)
+    nan[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="row 3 holds NaN"):
+        model.load_item_features({"text": nan, "image": torch.zeros(NUM_ITEMS, 6)})
+    with pytest.raises(ValueError, match=r"item id 31, expected ids in 0..30"):
+        model(torch.tensor([[1, 31]]))
+    with pytest.raises(ValueError, match=r"item id -2"):
+        model(torch.tensor([[1, -2]]))
+    with pytest.raises(ValueError, match="row 1 is an empty history"):
+        model(torch.tensor([[1, 2], [0, 0]]))
+    with pytest.raises(ValueError, match="at most max_seq_length=12"):
+        model(torch.ones(1, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must be item ids in 1..30"):
+        model(torch.tensor([[1, 2]]), labels=torch.tensor([0]))
+
+
+# ------------------------------------------------------------------------------------------- save / reload
+def assert_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert state_a[name].dtype == state_b[name].dtype, name
+        assert torch.equal(state_a[name], state_b[name]), name
+
+
+def test_save_and_reload_is_bit_identical(tmp_path):
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.fusion.fusion_factor.fill_(0.3)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    reloaded = MissrecForSequentialRecommendation.from_pretrained(tmp_path).eval()
+    assert_identical(model, reloaded)
+    assert reloaded.config.num_interests == model.config.num_interests
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(histories()).logits, model(histories()).logits, rtol=0, atol=0)
+
+
+def test_backbone_alone_saves_and_reloads(tmp_path):
+    model = tiny_model()
+    model.missrec.save_pretrained(tmp_path)
+    backbone = MissrecModel.from_pretrained(tmp_path)
+    assert_identical(model.missrec, backbone)
+
+
+def test_auto_classes_and_trust_remote_code_rebuild_the_recommender(tmp_path):
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    assert '"auto_map"' in config and "MissrecForSequentialRecommendation" in config
+    for name in ("modeling_missrec.py", "configuration_missrec.py", "interests.py"):
+        assert (tmp_path / name).exists(), f"{name} not copied for trust_remote_code"
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), MissrecConfig)
+    direct = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(direct, MissrecForSequentialRecommendation)
+    with torch.no_grad():
+        expected = {"input_ids": histories(), "logits": model(histories()).logits}
+    torch.save(expected, tmp_path / "expected.pt")
+    # A fresh interpreter in which the package cannot be imported: only the copied code can build the model.
+    script = f"""
+import sys
+sys.modules["modeling_missrec"] = None
+import torch
+from transformers import AutoModel
+from safetensors.torch import load_file
+model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+assert type(model).__name__ == "MissrecForSequentialRecommendation", type(model)
+assert "transformers_modules" in type(model).__module__, type(model).__module__
+saved = load_file({str(tmp_path / "model.safetensors")!r})
+state = model.state_dict()
+assert saved.keys() == state.keys(), saved.keys() ^ state.keys()
+assert all(torch.equal(saved[k], state[k]) for k in saved), [k for k in saved if not torch.equal(saved[k], state[k])]
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+with torch.no_grad():
+    logits = model(expected["input_ids"]).logits
+assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+print("remote-code-ok")
+"""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and "remote-code-ok" in result.stdout, result.stderr[-3000:]
