@@ -108,6 +108,8 @@ def read_text_file(path: str | os.PathLike, raw_item_ids: Sequence[str]) -> list
             if not line:
                 continue
             raw, _, text = line.partition("\t")
+            if raw in by_raw:
+                raise AtomicFileError(f"{path}:{line_number}: item {raw!r} has a second text line")
             by_raw[raw] = text
     texts = [by_raw.get(raw, "") for raw in raw_item_ids]
     missing = sum(raw not in by_raw for raw in raw_item_ids)
@@ -185,9 +187,7 @@ def read_feature_file(path: str | os.PathLike, num_items: int, feature_size: int
             raise AtomicFileError(f"{path}: a raw float32 feature file needs its width (feature_size)")
         size = path.stat().st_size
         if size % (4 * feature_size):
-            raise AtomicFileError(
-                f"{path}: {size} bytes is not a whole number of float32 rows of width {feature_size}"
-            )
+            raise AtomicFileError(f"{path}: {size} bytes is not a whole number of float32 rows of width {feature_size}")
         table = np.fromfile(path, dtype=np.float32).reshape(-1, feature_size)
     if table.shape[0] != num_items:
         raise AtomicFileError(f"{path}: {table.shape[0]} rows, expected one per item ({num_items})")
@@ -226,7 +226,9 @@ def load_item_catalog(
         catalog.present[modality] = np.abs(table).sum(axis=1) > 0
         missing = int((~catalog.present[modality]).sum())
         if missing:
-            logger.info("%s: %d of %d items lack the %s modality (all-zero rows)", file_name, missing, len(raw_ids), modality)
+            logger.info(
+                "%s: %d of %d items lack the %s modality (all-zero rows)", file_name, missing, len(raw_ids), modality
+            )
     return catalog
 
 
@@ -280,7 +282,9 @@ def load_atomic_dataset(
         logger.info("loading the cached dataset from %s", cache_path)
         return load_from_disk(str(cache_path))
     num_items = len(read_index_file(paths[-1]))
-    dataset = DatasetDict({split: _split_to_dataset(read_inter_file(paths[i], num_items)) for i, split in enumerate(SPLITS)})
+    dataset = DatasetDict(
+        {split: _split_to_dataset(read_inter_file(paths[i], num_items)) for i, split in enumerate(SPLITS)}
+    )
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
         temporary = cache_root / f".tmp-{cache_path.name}-{os.getpid()}"

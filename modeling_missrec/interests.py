@@ -101,8 +101,7 @@ def _check_positive_int(value: int, name: str, minimum: int = 1) -> None:
 def _check_num_clusters(num_clusters: int, n: int) -> None:
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or not 1 <= num_clusters <= n:
         raise ValueError(
-            f"num_clusters must be an integer in [1, n] where n = {n} is the number of points, "
-            f"got {num_clusters!r}"
+            f"num_clusters must be an integer in [1, n] where n = {n} is the number of points, got {num_clusters!r}"
         )
 
 
@@ -145,9 +144,7 @@ def _assign(x: Tensor, centroids: Tensor, chunk_elements: int) -> tuple[Tensor, 
     return labels, min_sq
 
 
-def assign_to_centroids(
-    x: Tensor, centroids: Tensor, chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS
-) -> Tensor:
+def assign_to_centroids(x: Tensor, centroids: Tensor, chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS) -> Tensor:
     """Index (0-based) of the nearest centroid for each row of ``x``, computed in bounded memory.
 
     Used by :func:`kmeans` internally and to give items added after clustering an interest id without
@@ -237,14 +234,10 @@ def _check_init(init: str, init_sample_size: int | None, num_clusters: int) -> N
     if isinstance(init_sample_size, bool) or not isinstance(init_sample_size, int):
         raise TypeError(f"init_sample_size must be an integer or None, got {init_sample_size!r}")
     if init_sample_size < num_clusters:
-        raise ValueError(
-            f"init_sample_size must be >= num_clusters ({num_clusters}) or None, got {init_sample_size}"
-        )
+        raise ValueError(f"init_sample_size must be >= num_clusters ({num_clusters}) or None, got {init_sample_size}")
 
 
-def _kmeans_init(
-    x: Tensor, num_clusters: int, *, init: str, seed: int, init_sample_size: int | None
-) -> Tensor:
+def _kmeans_init(x: Tensor, num_clusters: int, *, init: str, seed: int, init_sample_size: int | None) -> Tensor:
     """:func:`kmeans_init` without validation (the caller has validated)."""
     n = x.shape[0]
     dtype = _compute_dtype(x.dtype)
@@ -366,9 +359,7 @@ def kmeans(
             labels = torch.arange(n, device=x.device)
             return KMeansResult(centroids=points.clone(), labels=labels, inertia=0.0, num_iterations=0)
         if initial_centroids is None:
-            centroids = _kmeans_init(
-                points, num_clusters, init=init, seed=seed, init_sample_size=init_sample_size
-            )
+            centroids = _kmeans_init(points, num_clusters, init=init, seed=seed, init_sample_size=init_sample_size)
         else:
             centroids = initial_centroids.to(device=x.device, dtype=dtype).clone()
 

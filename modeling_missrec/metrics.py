@@ -84,9 +84,7 @@ def _check_id_range(name: str, ids: Tensor, low: int, high: int, what: str) -> N
 def _check_exclude(exclude_items: object, batch: int, num_items: int) -> Tensor:
     exclude = _check_int_tensor("exclude_items", exclude_items, 2)
     if exclude.shape[0] != batch:
-        raise ValueError(
-            f"exclude_items must have shape [B, L] with B={batch}, got shape {tuple(exclude.shape)}"
-        )
+        raise ValueError(f"exclude_items must have shape [B, L] with B={batch}, got shape {tuple(exclude.shape)}")
     _check_id_range("exclude_items", exclude, 0, num_items, "item ids (0 = padding, ignored)")
     return exclude
 
@@ -117,13 +115,9 @@ def reference_ranks(scores: Tensor, targets: Tensor, exclude_items: Tensor | Non
     ignored; the target itself is never removed). Returns ``[B]`` int64 ranks, 1 = best.
     """
     if not isinstance(scores, Tensor) or not scores.dtype.is_floating_point:
-        raise ValueError(
-            f"scores must be a floating-point torch.Tensor, got {getattr(scores, 'dtype', scores)}"
-        )
+        raise ValueError(f"scores must be a floating-point torch.Tensor, got {getattr(scores, 'dtype', scores)}")
     if scores.ndim != 2 or scores.shape[1] < 2:
-        raise ValueError(
-            f"scores must have shape [B, num_items + 1] with num_items >= 1, got {tuple(scores.shape)}"
-        )
+        raise ValueError(f"scores must have shape [B, num_items + 1] with num_items >= 1, got {tuple(scores.shape)}")
     if torch.isnan(scores).any():
         raise ValueError("scores must not contain NaN")
     batch, num_items = scores.shape[0], scores.shape[1] - 1
@@ -306,9 +300,7 @@ def _metrics_from_histogram(histogram: Tensor, ks: tuple[int, ...], offset: int)
     return result
 
 
-def metrics_from_ranks(
-    ranks: Tensor, ks: Sequence[int] = (10, 50), metric_cutoff_offset: int = 0
-) -> dict[str, float]:
+def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = (10, 50), metric_cutoff_offset: int = 0) -> dict[str, float]:
     """HR@K, Recall@K, NDCG@K for each K, plus MRR and num_users, from 1-based ranks (float64).
 
     The cut-off is ``K + metric_cutoff_offset`` while the key stays ``@K``: offset 1 reproduces the original

@@ -232,9 +232,7 @@ class MissrecInterestTokenizer(nn.Module):
         super().__init__()
         num_modalities = len(config.modalities)
         self.register_buffer("centroids", torch.zeros(config.num_interests + 1, config.hidden_size))
-        self.register_buffer(
-            "item_interest_ids", torch.zeros(num_modalities, config.num_items + 1, dtype=torch.long)
-        )
+        self.register_buffer("item_interest_ids", torch.zeros(num_modalities, config.num_items + 1, dtype=torch.long))
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Interest ids `[B, Q]` of each history's interest set, their centroid vectors and their mask."""

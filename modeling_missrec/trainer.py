@@ -39,8 +39,12 @@ STATE_FILE = "trainer_state.json"
 class TrainingArguments:
     """How to train and evaluate. Defaults are the original's fine-tuning settings (reference §5, §11)."""
 
-    output_dir: str = field(default="outputs/missrec", metadata={"help": "Where the model, metrics and checkpoints go."})
-    num_train_epochs: int = field(default=300, metadata={"help": "Maximum epochs (early stopping usually ends sooner)."})
+    output_dir: str = field(
+        default="outputs/missrec", metadata={"help": "Where the model, metrics and checkpoints go."}
+    )
+    num_train_epochs: int = field(
+        default=300, metadata={"help": "Maximum epochs (early stopping usually ends sooner)."}
+    )
     train_batch_size: int = field(default=512, metadata={"help": "Training batch size per step, over all processes."})
     eval_batch_size: int = field(default=1024, metadata={"help": "Users per evaluation batch, over all processes."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate."})
@@ -98,7 +102,9 @@ class DataArguments:
 
     def feature_sizes(self) -> dict[str, int]:
         sizes = {"text": self.text_feature_size, "image": self.image_feature_size}
-        return {m: size for m, size in sizes.items() if size and not str(self.feature_files().get(m, "")).endswith(".npy")}
+        return {
+            m: size for m, size in sizes.items() if size and not str(self.feature_files().get(m, "")).endswith(".npy")
+        }
 
     def resolved_data_dir(self) -> str:
         resolved = os.path.expandvars(os.path.expanduser(self.data_dir))
@@ -312,7 +318,9 @@ class MissrecTrainer:
     model: built for `catalog` (its features already loaded); dataset: a DatasetDict with train/valid/test.
     """
 
-    def __init__(self, model: MissrecForSequentialRecommendation, dataset, catalog: ItemCatalog, args: TrainingArguments):
+    def __init__(
+        self, model: MissrecForSequentialRecommendation, dataset, catalog: ItemCatalog, args: TrainingArguments
+    ):
         self.args = args
         self.catalog = catalog
         self.accelerator = _make_accelerator(args)
@@ -424,7 +432,9 @@ class MissrecTrainer:
             if args.max_steps_per_epoch is not None and step >= args.max_steps_per_epoch:
                 break
             with self.accelerator.accumulate(model):
-                output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+                output = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+                )
                 self.accelerator.backward(output.loss)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -437,7 +447,9 @@ class MissrecTrainer:
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
         if self.accelerator.is_main_process and self.accelerator.log_with:
-            self.accelerator.init_trackers("missrec", config={k: v for k, v in asdict(args).items() if v is not None and not isinstance(v, list)})
+            self.accelerator.init_trackers(
+                "missrec", config={k: v for k, v in asdict(args).items() if v is not None and not isinstance(v, list)}
+            )
         metric = args.metric_for_best_model
         self.log(
             "evaluation protocol: full ranking over %d items (padding excluded), ties count against the target, "
@@ -472,7 +484,12 @@ class MissrecTrainer:
             state.num_interests = k
             self.log(
                 "epoch %d: loss %.4f, K=%d, cluster %.1fs, train %.1fs, eval %.1fs | valid %s",
-                epoch, loss, k, record["cluster_seconds"], record["train_seconds"], record["eval_seconds"],
+                epoch,
+                loss,
+                k,
+                record["cluster_seconds"],
+                record["train_seconds"],
+                record["eval_seconds"],
                 _format_metrics(valid),
             )
             if self.accelerator.log_with:
@@ -486,7 +503,9 @@ class MissrecTrainer:
             state.epoch = epoch + 1
             self.save_checkpoint()
             if state.epochs_without_improvement > args.early_stopping_patience:
-                self.log("early stopping: no improvement of valid %s for %d epochs", metric, state.epochs_without_improvement)
+                self.log(
+                    "early stopping: no improvement of valid %s for %d epochs", metric, state.epochs_without_improvement
+                )
                 break
         return self.finish()
 

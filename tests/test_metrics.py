@@ -347,9 +347,7 @@ def test_bad_targets_and_exclusions():
         reference_ranks(scores, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="targets must be an integer tensor"):
         reference_ranks(scores, torch.tensor([1.0, 2.0]))
-    with pytest.raises(
-        ValueError, match=r"exclude_items must hold item ids .* in 0\.\.5; got values in 0\.\.9"
-    ):
+    with pytest.raises(ValueError, match=r"exclude_items must hold item ids .* in 0\.\.5; got values in 0\.\.9"):
         reference_ranks(scores, torch.tensor([1, 2]), torch.tensor([[0, 9], [1, 2]]))
     with pytest.raises(ValueError, match=r"exclude_items must have shape \[B, L\] with B=2"):
         reference_ranks(scores, torch.tensor([1, 2]), torch.tensor([[0, 1]]))
@@ -379,9 +377,7 @@ def test_bad_streaming_arguments():
         streaming_ranks(block, torch.zeros(3), targets, num_items=5)
     with pytest.raises(ValueError, match="target_scores must not contain NaN"):
         streaming_ranks(block, torch.tensor([0.0, float("nan")]), targets, num_items=5)
-    with pytest.raises(
-        ValueError, match=r"score_block\(1, 4\) must return a tensor of shape \[2, 3\], got \(2, 2\)"
-    ):
+    with pytest.raises(ValueError, match=r"score_block\(1, 4\) must return a tensor of shape \[2, 3\], got \(2, 2\)"):
         streaming_ranks(lambda s, e: scores[:, s : e - 1], ts, targets, num_items=5, block_size=3)
 
 
@@ -420,9 +416,7 @@ def test_evaluate_module_loads_offline_and_matches(offline_evaluate, tmp_path):
     scores = torch.randint(0, 6, (25, 61), generator=gen).float()  # ties included
     targets = torch.randint(1, 61, (25,), generator=gen)
     expected = metrics_from_ranks(reference_ranks(scores, targets), ks=(5, 20), metric_cutoff_offset=1)
-    got = metric.compute(
-        predictions=scores.tolist(), references=targets.tolist(), ks=(5, 20), metric_cutoff_offset=1
-    )
+    got = metric.compute(predictions=scores.tolist(), references=targets.tolist(), ks=(5, 20), metric_cutoff_offset=1)
     assert got == expected
     # batches added incrementally give the same answer; default ks are (10, 50)
     for lo in range(0, 25, 10):

@@ -35,7 +35,10 @@ def tiny_config(**overrides) -> MissrecConfig:
 
 def tiny_features(num_items: int = NUM_ITEMS, missing_images: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    features = {"text": torch.randn(num_items, 8, generator=generator), "image": torch.randn(num_items, 6, generator=generator)}
+    features = {
+        "text": torch.randn(num_items, 8, generator=generator),
+        "image": torch.randn(num_items, 6, generator=generator),
+    }
     features["image"][:missing_images] = 0  # items 1..missing_images have no image
     return features
 
