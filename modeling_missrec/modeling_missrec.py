@@ -527,7 +527,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         for m in self.config.modalities:
             if m not in features:
                 raise ValueError(f"load_item_features: no features for modality {m!r}; got {sorted(features)}.")
-            table = torch.as_tensor(np.asarray(features[m]) if not torch.is_tensor(features[m]) else features[m])
+            table = features[m] if torch.is_tensor(features[m]) else torch.from_numpy(np.array(features[m]))
             expected = (n, self.config.feature_size(m))
             if tuple(table.shape) != expected:
                 raise ValueError(
@@ -542,7 +542,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
             buffer[1:] = table.to(buffer.device, buffer.dtype)
         for index, m in enumerate(self.config.modalities):
             if modality_present is not None and m in modality_present:
-                mask = torch.as_tensor(np.asarray(modality_present[m])).bool().reshape(-1)
+                mask = torch.as_tensor(np.array(modality_present[m])).bool().reshape(-1)
                 if mask.shape[0] != n:
                     raise ValueError(
                         f"load_item_features: modality_present[{m!r}] has {mask.shape[0]} rows, expected {n}."

@@ -412,7 +412,13 @@ class MissrecTrainer:
             (temporary / "item_ids.json").write_text(
                 json.dumps({"raw_item_ids": self.catalog.raw_item_ids}, ensure_ascii=False)
             )
-            _replace_directory(temporary, directory)
+            if directory == self.output_dir:
+                # The output folder also holds checkpoints and logs: swap in the model files one by one.
+                for path in temporary.iterdir():
+                    os.replace(path, directory / path.name)
+                temporary.rmdir()
+            else:
+                _replace_directory(temporary, directory)
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------ training
@@ -443,9 +449,10 @@ class MissrecTrainer:
         return float(total) / max(steps, 1)
 
     def train(self) -> dict:
-        args, state = self.args, self.state
+        args = self.args
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
+        state = self.state
         if self.accelerator.is_main_process and self.accelerator.log_with:
             self.accelerator.init_trackers(
                 "missrec", config={k: v for k, v in asdict(args).items() if v is not None and not isinstance(v, list)}
@@ -552,17 +559,16 @@ class MissrecTrainer:
 
 
 def _set_sampler_epoch(loader: DataLoader, epoch: int) -> None:
-    """Reach the LengthGroupedBatchSampler through Accelerate's wrappers (BatchSamplerShard)."""
-    sampler = loader.batch_sampler
-    for _ in range(3):
-        if hasattr(sampler, "set_epoch") and isinstance(sampler, LengthGroupedBatchSampler):
-            sampler.set_epoch(epoch)
-            return
-        sampler = getattr(sampler, "batch_sampler", None)
-        if sampler is None:
-            break
+    """Make the batch order a function of (seed, epoch). Accelerate's loader re-sets its sampler's epoch from
+    its own iteration counter on every pass, which restarts at 0 in a resumed run: set that counter too."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
+    # With several processes our sampler sits inside Accelerate's BatchSamplerShard, which has no set_epoch.
+    sampler = loader.batch_sampler
+    while sampler is not None:
+        if isinstance(sampler, LengthGroupedBatchSampler):
+            sampler.set_epoch(epoch)
+        sampler = getattr(sampler, "batch_sampler", None)
 
 
 def results_table(metrics: Mapping, ks) -> str:
