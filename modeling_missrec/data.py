@@ -169,10 +169,13 @@ def read_inter_file(path: str | os.PathLike, num_items: int) -> dict[str, np.nda
     }
 
 
-def read_feature_file(path: str | os.PathLike, num_items: int, feature_size: int | None = None) -> np.ndarray:
+def read_feature_file(
+    path: str | os.PathLike, num_items: int, feature_size: int | None = None, memory_map: bool = False
+) -> np.ndarray:
     """A feature table `[num_items, F]` from a raw float32 file (width `feature_size` required) or a `.npy`.
 
-    Errors name the file and, for bad values, the row. `.npy` files are memory-mapped while checked."""
+    Errors name the file and, for bad values, the row. With `memory_map` the table stays on disk (pre-training
+    catalogues of ~450k items): it is checked chunk by chunk and returned as a read-only memory map."""
     path = Path(path)
     if not path.exists():
         raise AtomicFileError(f"{path}: feature file not found")
@@ -188,14 +191,18 @@ def read_feature_file(path: str | os.PathLike, num_items: int, feature_size: int
         size = path.stat().st_size
         if size % (4 * feature_size):
             raise AtomicFileError(f"{path}: {size} bytes is not a whole number of float32 rows of width {feature_size}")
-        table = np.fromfile(path, dtype=np.float32).reshape(-1, feature_size)
+        table = np.memmap(path, dtype=np.float32, mode="r").reshape(-1, feature_size)
     if table.shape[0] != num_items:
         raise AtomicFileError(f"{path}: {table.shape[0]} rows, expected one per item ({num_items})")
-    table = np.ascontiguousarray(table, dtype=np.float32)
-    bad = ~np.isfinite(table).all(axis=1)
-    if bad.any():
-        raise AtomicFileError(f"{path}: row {int(np.argmax(bad))} holds NaN or inf ({int(bad.sum())} rows in all)")
-    return table
+    chunk = 65536
+    for start in range(0, len(table), chunk):
+        bad = ~np.isfinite(table[start : start + chunk]).all(axis=1)
+        if bad.any():
+            row = start + int(np.argmax(bad))
+            raise AtomicFileError(f"{path}: row {row} holds NaN or inf")
+    if memory_map and table.dtype == np.float32:
+        return table
+    return np.ascontiguousarray(table, dtype=np.float32)
 
 
 def find_dataset_name(data_dir: str | os.PathLike) -> str:
@@ -213,7 +220,8 @@ def load_item_catalog(
     feature_sizes: Mapping[str, int] | None = None,
 ) -> ItemCatalog:
     """Items, texts (when a `.text` file exists) and the features of each modality in `feature_files`
-    (`{"text": "X.feat1CLS", "image": "X.feat3CLS"}`, paths relative to `data_dir` or absolute)."""
+    (`{"text": "X.feat1CLS", "image": "X.feat3CLS"}`, paths relative to `data_dir` or absolute; `{name}` stands
+    for the dataset prefix X)."""
     data_dir = Path(data_dir)
     name = dataset_name or find_dataset_name(data_dir)
     raw_ids = read_index_file(data_dir / f"{name}.item2index")
@@ -221,6 +229,7 @@ def load_item_catalog(
     catalog = ItemCatalog(raw_ids, text=read_text_file(text_path, raw_ids) if text_path.exists() else None)
     for modality, file_name in (feature_files or {}).items():
         size = (feature_sizes or {}).get(modality)
+        file_name = file_name.format(name=name)
         table = read_feature_file(data_dir / file_name, len(raw_ids), size)
         catalog.features[modality] = table
         catalog.present[modality] = np.abs(table).sum(axis=1) > 0
@@ -445,3 +454,208 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 def catalog_to_json(catalog: ItemCatalog) -> str:
     """The raw id map saved beside a model (`item_ids.json`), so recommendations speak in raw ids."""
     return json.dumps({"raw_item_ids": catalog.raw_item_ids}, ensure_ascii=False)
+
+
+# ------------------------------------------------------------------------------------------ pre-training
+class DomainTables:
+    """One modality's features over several domains, addressed by global item id (0 = padding), without
+    concatenating them: each domain's table stays as loaded (memory-mapped for large corpora)."""
+
+    def __init__(self, tables: Sequence[np.ndarray], item_offsets: np.ndarray):
+        self.tables = list(tables)
+        self.item_offsets = item_offsets  # [D + 1]; domain d holds global ids offsets[d] + 1 .. offsets[d + 1]
+        self.width = int(self.tables[0].shape[1])
+
+    def __len__(self) -> int:
+        return int(self.item_offsets[-1]) + 1
+
+    def gather(self, item_ids: np.ndarray) -> np.ndarray:
+        """Rows of `item_ids` (any shape) -> `[*shape, F]`; id 0 gives zeros. One fancy index per domain."""
+        flat = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        out = np.zeros((flat.size, self.width), dtype=np.float32)
+        domain = np.searchsorted(self.item_offsets, flat, side="left") - 1
+        for d, table in enumerate(self.tables):
+            selected = np.nonzero((domain == d) & (flat > 0))[0]
+            if selected.size:
+                rows = flat[selected] - self.item_offsets[d] - 1
+                order = np.argsort(rows, kind="stable")  # sorted reads are kinder to a memory map
+                out[selected[order]] = table[rows[order]]
+        return out.reshape(*np.shape(item_ids), self.width)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        """Contiguous global rows (for chunked clustering): `tables[start:stop]` with row 0 = padding."""
+        start, stop, _ = index.indices(len(self))
+        return self.gather(np.arange(start, stop))
+
+
+@dataclass
+class PretrainingCorpus:
+    """Several domains merged into one catalogue (reference §2.4): item ids offset per domain, the train
+    rows of all domains as one split, per-modality features left in place (`DomainTables`)."""
+
+    domain_names: list[str]
+    item_offsets: np.ndarray
+    train: dict[str, np.ndarray]
+    features: dict[str, DomainTables]
+    present: dict[str, np.ndarray]
+    augmented_text: DomainTables | None = None
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_offsets[-1])
+
+    def feature_size(self, modality: str) -> int:
+        return self.features[modality].width
+
+    def modality_present(self) -> np.ndarray:
+        """`[M, N + 1]` bool, modality order as `features`."""
+        return np.stack([self.present[m] for m in self.features])
+
+    def summary(self) -> str:
+        rows = len(self.train["target"])
+        parts = [f"{len(self.domain_names)} domains ({', '.join(self.domain_names)}), {self.num_items} items, "
+                 f"{rows} train rows"]
+        parts += [f"{m}: width {t.width}, present for {int(self.present[m].sum())}" for m, t in self.features.items()]
+        if self.augmented_text is not None:
+            parts.append("word-dropped text features available")
+        return "; ".join(parts)
+
+
+def load_pretraining_corpus(
+    domain_dirs: Sequence[str | os.PathLike],
+    feature_files: Mapping[str, str],
+    feature_sizes: Mapping[str, int] | None = None,
+    augmented_text_file: str | None = "{name}.feat2CLS",
+) -> PretrainingCorpus:
+    """Merge the train rows of several atomic-file folders. `feature_files` name each modality's file with
+    `{name}` for the domain prefix; `augmented_text_file` (word-dropped text, `.feat2CLS`) is used when every
+    domain has it. Feature files are memory-mapped."""
+    names, offsets, tables = [], [0], {m: [] for m in feature_files}
+    augmented: list[np.ndarray] = []
+    users, items, row_offsets, targets = [], [], [np.zeros(1, np.int64)], []
+    for directory in map(Path, domain_dirs):
+        name = find_dataset_name(directory)
+        num_items = len(read_index_file(directory / f"{name}.item2index"))
+        split = read_inter_file(directory / f"{name}.train.inter", num_items)
+        base = offsets[-1]
+        users.append(split["user"])
+        items.append(split["items"] + base)
+        row_offsets.append(split["offsets"][1:] + row_offsets[-1][-1])
+        targets.append(split["target"] + base)
+        for modality, pattern in feature_files.items():
+            size = (feature_sizes or {}).get(modality)
+            tables[modality].append(read_feature_file(directory / pattern.format(name=name), num_items, size, True))
+        if augmented_text_file and "text" in feature_files:
+            path = directory / augmented_text_file.format(name=name)
+            if path.exists():
+                augmented.append(read_feature_file(path, num_items, tables["text"][-1].shape[1], True))
+        names.append(name)
+        offsets.append(base + num_items)
+    item_offsets = np.asarray(offsets, dtype=np.int64)
+    features = {m: DomainTables(t, item_offsets) for m, t in tables.items()}
+    present = {}
+    for modality, table in features.items():
+        mask = np.zeros(len(table), dtype=bool)
+        for d, rows in enumerate(table.tables):
+            for start in range(0, len(rows), 65536):
+                block = np.asarray(rows[start : start + 65536])
+                mask[offsets[d] + 1 + start : offsets[d] + 1 + start + len(block)] = np.abs(block).sum(1) > 0
+        present[modality] = mask
+    train = {
+        "user": np.concatenate(users),
+        "items": np.concatenate(items),
+        "offsets": np.concatenate(row_offsets),
+        "target": np.concatenate(targets),
+    }
+    use_augmented = len(augmented) == len(names) and len(names) > 0
+    if augmented and not use_augmented:
+        logger.warning("word-dropped text features exist for only some domains; using item drop only")
+    return PretrainingCorpus(
+        names, item_offsets, train, features, present, DomainTables(augmented, item_offsets) if use_augmented else None
+    )
+
+
+class PretrainingCollator:
+    """Turns a padded batch of global item ids into the pre-training inputs: per-position features, the
+    targets' features, and an augmented view.
+
+    Augmentation, once per batch (reference §2.7): with probability `item_drop_prob` (always, without
+    word-dropped text) each item except the first is dropped with probability `item_drop_ratio` and the kept
+    items are compacted; the features of the augmented view are looked up for the compacted ids, so text and
+    image stay aligned (fix: the original kept the image of the uncompacted sequence). Otherwise each position's
+    text feature is swapped for its word-dropped version with probability `word_drop_ratio`.
+    Randomness comes from (seed, epoch, batch rows), so a resumed run draws the same views.
+    """
+
+    def __init__(
+        self,
+        corpus: PretrainingCorpus,
+        item_drop_ratio: float = 0.2,
+        item_drop_prob: float = 0.9,
+        word_drop_ratio: float = 0.2,
+        seed: int = 0,
+        augment: bool = True,
+    ):
+        self.corpus = corpus
+        self.item_drop_ratio = item_drop_ratio
+        self.item_drop_prob = item_drop_prob
+        self.word_drop_ratio = word_drop_ratio
+        self.seed = seed
+        self.augment = augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _features(self, ids: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        features = {m: torch.from_numpy(table.gather(ids)) for m, table in self.corpus.features.items()}
+        mask = torch.from_numpy(np.stack([self.corpus.present[m][ids] for m in self.corpus.features]))
+        return features, mask
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> dict:
+        ids = batch["input_ids"].numpy()
+        targets = batch["labels"].numpy()
+        item_features, modality_mask = self._features(ids)
+        target_features, target_mask = self._features(targets)
+        out = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "item_features": item_features,
+            "modality_mask": modality_mask,
+            "target_features": target_features,
+            "target_modality_mask": target_mask,
+            "target_ids": batch["labels"],
+        }
+        if not self.augment:
+            return out
+        rows = batch["row_index"].numpy() if "row_index" in batch else np.arange(len(ids))
+        rng = np.random.default_rng([self.seed, self.epoch, int(rows.sum()), int(rows[0]) if len(rows) else 0])
+        if self.corpus.augmented_text is None or rng.random() < self.item_drop_prob:
+            augmented_ids = item_drop(ids, self.item_drop_ratio, rng)
+            augmented_features, augmented_mask = self._features(augmented_ids)
+        else:
+            augmented_ids = ids
+            augmented_features, augmented_mask = dict(item_features), modality_mask
+            swap = (rng.random(ids.shape) < self.word_drop_ratio) & (ids != 0)
+            dropped = torch.from_numpy(self.corpus.augmented_text.gather(np.where(swap, ids, 0)))
+            augmented_features["text"] = torch.where(
+                torch.from_numpy(swap)[..., None], dropped, augmented_features["text"]
+            )
+        out.update(
+            augmented_input_ids=torch.from_numpy(augmented_ids),
+            augmented_attention_mask=torch.from_numpy(augmented_ids != 0),
+            augmented_item_features=augmented_features,
+            augmented_modality_mask=augmented_mask,
+        )
+        return out
+
+
+def item_drop(ids: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Drop each item but the first with probability `ratio`, keep the order, compact to the left.
+    Vectorised; the result is as wide as the longest kept history."""
+    keep = (rng.random(ids.shape) >= ratio) & (ids != 0)
+    keep[:, 0] = ids[:, 0] != 0
+    order = np.argsort(~keep, axis=1, kind="stable")
+    compacted = np.take_along_axis(np.where(keep, ids, 0), order, axis=1)
+    width = max(int(keep.sum(1).max(initial=1)), 1)
+    return np.ascontiguousarray(compacted[:, :width])

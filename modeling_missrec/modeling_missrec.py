@@ -295,6 +295,12 @@ class MissrecPreTrainedModel(PreTrainedModel):
             init.zeros_(module.item_modality_present)
 
 
+def _as_float_tensor(values: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    if not torch.is_tensor(values):
+        values = torch.from_numpy(np.array(values, dtype=np.float32))
+    return values.to(device=device, dtype=torch.float32)
+
+
 class MissrecModel(MissrecPreTrainedModel):
     """The transferable backbone: item tokenizer, interest tokenizer, interest encoder, decoder, read-out.
 
@@ -325,6 +331,18 @@ class MissrecModel(MissrecPreTrainedModel):
     def adapt(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Per-modality tokens `[M, ..., H]` from frozen features `{modality: [..., F_m]}`."""
         return torch.stack([self.adaptors[m](features[m]) for m in self.modalities])
+
+    @torch.no_grad()
+    def catalog_tokens(self, item_features: Mapping[str, torch.Tensor | np.ndarray], chunk_rows: int = 65536):
+        """Adapted tokens `[M, N, H]` of a whole feature table, computed in chunks so that a memory-mapped
+        table of a large pre-training catalogue is read piece by piece, never copied whole."""
+        device = self.position_embeddings.weight.device
+        num_rows = len(item_features[self.modalities[0]])
+        chunks = []
+        for start in range(0, num_rows, chunk_rows):
+            piece = {m: _as_float_tensor(item_features[m][start : start + chunk_rows], device) for m in self.modalities}
+            chunks.append(self.adapt(piece))
+        return torch.cat(chunks, dim=1)
 
     def forward(
         self,
@@ -413,8 +431,8 @@ class MissrecModel(MissrecPreTrainedModel):
         """
         was_training = self.training
         self.eval()
-        tokens = self.adapt({m: item_features[m][1:] for m in self.modalities}).float()  # [M, N, H]
-        present = modality_present[:, 1:].bool()
+        tokens = self.catalog_tokens(item_features)[:, 1:].float()  # [M, N, H]
+        present = _as_float_tensor(modality_present, tokens.device)[:, 1:].bool()
         if not self.config.mask_missing_modalities:
             present = torch.ones_like(present)
         pool = tokens[present]
@@ -658,11 +676,161 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         return self.fusion(sequence_embedding, items.slice(start, end))
 
 
+@dataclass
+class MissrecPreTrainingOutput(ModelOutput):
+    """Output of [`MissrecForPreTraining`].
+
+    loss: `L_si + seq_seq_loss_weight x L_ss + interest_reg_weight x (R + R_aug)`.
+    sequence_item_loss: in-batch sequence-to-next-item contrastive loss (negatives from every process).
+    sequence_sequence_loss: sequence-to-augmented-sequence contrastive loss (None without an augmented view).
+    interest_regularization: R (+ R_aug), unweighted. sequence_embedding: `[B, H]`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    sequence_item_loss: torch.FloatTensor | None = None
+    sequence_sequence_loss: torch.FloatTensor | None = None
+    interest_regularization: torch.FloatTensor | None = None
+    sequence_embedding: torch.FloatTensor | None = None
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_with_grad(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate `tensor` from every process along `dim`; gradients flow back to each owner."""
+    _, world = _world()
+    if world == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=dim)
+
+
+def _gather_no_grad(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    _, world = _world()
+    if world == 1:
+        return tensor
+    pieces = [torch.empty_like(tensor) for _ in range(world)]
+    torch.distributed.all_gather(pieces, tensor.contiguous())
+    return torch.cat(pieces, dim=dim)
+
+
+class MissrecForPreTraining(MissrecPreTrainedModel):
+    """MISSRec pre-training over several domains (content only): the backbone, the fusion head and the
+    contrastive objectives. Batches carry their own features (the merged catalogue stays outside the model).
+
+    Fix: with several processes the candidate items and augmented sequences of every process are gathered with
+    a differentiable all-gather, so the negatives are the global batch (the original never synchronised).
+    Fix: a target that recurs in the batch is not a negative of its own duplicates (`mask_duplicate_targets`).
+    """
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__(config)
+        if config.use_item_ids:
+            raise ValueError("MissrecForPreTraining is content-only: set use_item_ids=False (got True).")
+        if config.item_fusion == "dynamic_instance":
+            raise ValueError("item_fusion='dynamic_instance' needs the full catalogue as candidates; use "
+                             "'dynamic_shared' or 'static' for pre-training.")
+        self.missrec = MissrecModel(config)
+        self.fusion = MissrecFusionHead(config)
+        self.post_init()
+
+    def refresh_interests(
+        self, item_features: Mapping[str, torch.Tensor | np.ndarray], modality_present, seed: int = 0
+    ) -> int:
+        """Cluster the merged catalogue (`{modality: [N + 1, F]}`, may be memory-mapped). Returns K."""
+        return self.missrec.refresh_interests(item_features, modality_present, seed=seed)
+
+    def _modality_mask(self, features: Mapping[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            mask = torch.stack([features[m].ne(0).any(-1) for m in self.config.modalities])
+        if not self.config.mask_missing_modalities:
+            mask = torch.ones_like(mask)
+        return mask.bool()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        item_features: Mapping[str, torch.Tensor],
+        target_features: Mapping[str, torch.Tensor],
+        target_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        modality_mask: torch.Tensor | None = None,
+        target_modality_mask: torch.Tensor | None = None,
+        augmented_input_ids: torch.LongTensor | None = None,
+        augmented_item_features: Mapping[str, torch.Tensor] | None = None,
+        augmented_attention_mask: torch.Tensor | None = None,
+        augmented_modality_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MissrecPreTrainingOutput | tuple:
+        """Histories `input_ids` `[B, L]` with their features `{m: [B, L, F_m]}`, next items `target_features`
+        `{m: [B, F_m]}` (and their global ids for duplicate masking), optionally an augmented view."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        rank, world = _world()
+        config = self.config
+        backbone = self.missrec(
+            input_ids,
+            item_features=item_features,
+            modality_mask=self._modality_mask(item_features, modality_mask),
+            attention_mask=attention_mask,
+        )
+        sequence = backbone.sequence_embedding
+        batch = sequence.shape[0]
+        labels = torch.arange(batch, device=sequence.device) + rank * batch
+
+        tokens = F.normalize(self.missrec.adapt(target_features), dim=-1)  # [M, B, H]
+        present = self._modality_mask(target_features, target_modality_mask)
+        candidates = ItemTokens(_gather_with_grad(tokens, dim=1), _gather_no_grad(present, dim=1), None, 0)
+        logits = self.fusion(sequence, candidates) / config.temperature  # [B, world x B]
+        if config.mask_duplicate_targets and target_ids is not None:
+            all_targets = _gather_no_grad(target_ids)
+            duplicate = all_targets.unsqueeze(0) == target_ids.unsqueeze(1)
+            duplicate[torch.arange(batch, device=logits.device), labels] = False
+            logits = logits.masked_fill(duplicate, float("-inf"))
+        sequence_item_loss = F.cross_entropy(logits, labels)
+
+        regularization = backbone.interest_regularization
+        sequence_sequence_loss = None
+        if augmented_input_ids is not None:
+            augmented = self.missrec(
+                augmented_input_ids,
+                item_features=augmented_item_features,
+                modality_mask=self._modality_mask(augmented_item_features, augmented_modality_mask),
+                attention_mask=augmented_attention_mask,
+            )
+            all_augmented = _gather_with_grad(augmented.sequence_embedding)
+            sequence_sequence_loss = F.cross_entropy(sequence @ all_augmented.T / config.temperature, labels)
+            regularization = regularization + augmented.interest_regularization
+        # A batch-summed regulariser must count the global batch, as one process on the whole batch would
+        # (the process group averages gradients).
+        scale = world if config.interest_reg_reduction == "sum" else 1
+        loss = sequence_item_loss + config.interest_reg_weight * scale * regularization
+        if sequence_sequence_loss is not None:
+            loss = loss + config.seq_seq_loss_weight * sequence_sequence_loss
+        if not return_dict:
+            return (loss, sequence_item_loss, sequence_sequence_loss, regularization, sequence)
+        return MissrecPreTrainingOutput(
+            loss=loss,
+            sequence_item_loss=sequence_item_loss,
+            sequence_sequence_loss=sequence_sequence_loss,
+            interest_regularization=regularization,
+            sequence_embedding=sequence,
+        )
+
+
 MissrecConfig.register_for_auto_class()
 MissrecForSequentialRecommendation.register_for_auto_class("AutoModel")
+MissrecForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 
 __all__ = [
     "ItemTokens",
+    "MissrecForPreTraining",
+    "MissrecPreTrainingOutput",
     "MissrecForSequentialRecommendation",
     "MissrecModel",
     "MissrecModelOutput",

@@ -8,6 +8,7 @@ At the end the best model is evaluated once on test and written with `save_pretr
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -75,6 +76,16 @@ class TrainingArguments:
     max_steps_per_epoch: int | None = field(default=None, metadata={"help": "Cut epochs short (smoke tests)."})
 
 
+FINETUNE_METHODS = ("full", "frozen")
+
+
+def _expand_path(path: str, name: str) -> str:
+    resolved = os.path.expandvars(os.path.expanduser(path))
+    if "$" in resolved:
+        raise ValueError(f"{name}={path!r}: an environment variable in it is not set")
+    return resolved
+
+
 @dataclass
 class DataArguments:
     """Which atomic files to read (reference §2.1). Paths may use environment variables, e.g.
@@ -88,6 +99,7 @@ class DataArguments:
     image_features: str | None = field(
         default="Scientific.feat3CLS", metadata={"help": "Image feature file in data_dir; empty to use no image."}
     )
+    # File names may say {name} for the dataset prefix, e.g. "{name}.feat1CLS".
     text_feature_size: int | None = field(
         default=512, metadata={"help": "Width of a raw text feature file (.npy files carry their own)."}
     )
@@ -107,10 +119,7 @@ class DataArguments:
         }
 
     def resolved_data_dir(self) -> str:
-        resolved = os.path.expandvars(os.path.expanduser(self.data_dir))
-        if "$" in resolved:
-            raise ValueError(f"data_dir={self.data_dir!r}: an environment variable in it is not set")
-        return resolved
+        return _expand_path(self.data_dir, "data_dir")
 
 
 @dataclass
@@ -123,6 +132,13 @@ class ModelArguments:
     mode: str = field(
         default="transductive", metadata={"help": "transductive (item ID table + content) or inductive (content only)."}
     )
+    finetune_method: str = field(
+        default="full",
+        metadata={
+            "help": "full: train everything. frozen: the paper's transfer recipe (position embedding, encoder and "
+            "decoder frozen; adaptors, input LayerNorm, fusion factor and ID table trained)."
+        },
+    )
     interest_ratio: float = field(default=0.5, metadata={"help": "K = ceil(ratio x item tokens) interests."})
     config_overrides: str | None = field(
         default=None,
@@ -132,6 +148,10 @@ class ModelArguments:
     def __post_init__(self):
         if self.mode not in ("transductive", "inductive"):
             raise ValueError(f"mode={self.mode!r} is invalid; allowed: 'transductive' or 'inductive'.")
+        if self.finetune_method not in FINETUNE_METHODS:
+            raise ValueError(f"finetune_method={self.finetune_method!r} is invalid; allowed: {list(FINETUNE_METHODS)}.")
+        if self.model_name_or_path is not None:
+            self.model_name_or_path = _expand_path(self.model_name_or_path, "model_name_or_path")
 
 
 def parse_overrides(text: str | None) -> dict:
@@ -169,6 +189,8 @@ def build_model(model_args: ModelArguments, catalog: ItemCatalog) -> MissrecForS
         model = MissrecForSequentialRecommendation(config)
         _load_matching_weights(model, model_args.model_name_or_path)
     model.load_item_features(catalog.features, catalog.present)
+    if model_args.finetune_method == "frozen":
+        model.freeze_backbone_for_transfer()
     return model
 
 
@@ -312,65 +334,54 @@ def _format_metrics(metrics: Mapping[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "num_users")
 
 
-class MissrecTrainer:
-    """Fine-tunes a [`MissrecForSequentialRecommendation`] on one domain.
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
-    model: built for `catalog` (its features already loaded); dataset: a DatasetDict with train/valid/test.
-    """
 
-    def __init__(
-        self, model: MissrecForSequentialRecommendation, dataset, catalog: ItemCatalog, args: TrainingArguments
-    ):
+def _resize_interest_state(model, num_interests: int) -> None:
+    """Give the centroid buffer the shape of a saved interest state before loading into it (K varies)."""
+    tokenizer = model.missrec.interest_tokenizer
+    tokenizer.centroids = torch.zeros(
+        num_interests + 1, model.config.hidden_size, device=tokenizer.centroids.device, dtype=tokenizer.centroids.dtype
+    )
+    model.config.num_interests = num_interests
+
+
+class _AcceleratedLoop:
+    """What the fine-tuning and pre-training loops share: the Accelerator, atomic checkpoints, resume,
+    atomic model folders, and the epoch of optimisation steps."""
+
+    def __init__(self, model, args):
         self.args = args
-        self.catalog = catalog
         self.accelerator = _make_accelerator(args)
         set_seed(args.seed)
         self.output_dir = Path(args.output_dir)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        model.check_inputs = False  # the loader validated every row; avoid a host sync per step
         self.model = model
+        self.state = TrainerState()
         world = self.accelerator.num_processes
         if args.train_batch_size % (world * args.gradient_accumulation_steps):
             raise ValueError(
                 f"train_batch_size={args.train_batch_size} must be divisible by processes x accumulation steps "
                 f"({world} x {args.gradient_accumulation_steps})."
             )
-        per_device = args.train_batch_size // (world * args.gradient_accumulation_steps)
-        max_len = model.config.max_seq_length
-        self.train_loader = build_loader(
-            dataset["train"], max_len, per_device, True, args.seed, args.group_by_length, args.dataloader_num_workers
-        )
-        eval_per_device = max(1, args.eval_batch_size // world)
-        self.valid_loader = build_loader(dataset["valid"], max_len, eval_per_device, False, args.seed, True, 0)
-        self.test_loader = build_loader(dataset["test"], max_len, eval_per_device, False, args.seed, True, 0)
+        self.per_device_batch_size = args.train_batch_size // (world * args.gradient_accumulation_steps)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-        self.prepared_model, self.optimizer, self.train_loader, self.valid_loader, self.test_loader = (
-            self.accelerator.prepare(model, self.optimizer, self.train_loader, self.valid_loader, self.test_loader)
-        )
-        self.state = TrainerState()
 
-    # ------------------------------------------------------------------------------------------- utils
     @property
-    def unwrapped(self) -> MissrecForSequentialRecommendation:
+    def unwrapped(self):
         return self.accelerator.unwrap_model(self.prepared_model)
 
     def log(self, message: str, *args) -> None:
         if self.accelerator.is_main_process:
             logger.info(message, *args)
 
-    def _evaluate(self, loader: DataLoader, description: str):
-        return evaluate_ranking(
-            self.unwrapped,
-            loader,
-            self.accelerator,
-            tuple(self.args.eval_ks),
-            self.args.exclude_history,
-            self.args.eval_block_size,
-            show_progress=self.accelerator.is_main_process and not self.args.disable_tqdm,
-            description=description,
-        )
+    def start_trackers(self, name: str) -> None:
+        if self.accelerator.log_with:
+            config = {k: v for k, v in asdict(self.args).items() if isinstance(v, (int, float, str, bool))}
+            self.accelerator.init_trackers(name, config=config)
 
     # --------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
@@ -392,42 +403,63 @@ class MissrecTrainer:
         if not state_file.exists():
             raise FileNotFoundError(f"resume_from_checkpoint: {state_file} not found (no finished epoch saved there)")
         self.state = TrainerState(**json.loads(state_file.read_text()))
-        # The interest centroids change shape with K: give the buffer the saved shape before loading into it.
-        tokenizer = self.unwrapped.missrec.interest_tokenizer
-        tokenizer.centroids = torch.zeros(
-            self.state.num_interests + 1, self.unwrapped.config.hidden_size, device=tokenizer.centroids.device
-        )
-        self.unwrapped.config.num_interests = self.state.num_interests
+        _resize_interest_state(self.unwrapped, self.state.num_interests)
         self.accelerator.load_state(str(directory))
         self.log("resumed from %s after epoch %d", directory, self.state.epoch)
 
-    def save_model(self, directory: Path) -> None:
-        """`save_pretrained` into a temporary folder, then swapped in: a killed run never leaves half a model."""
+    def save_model(self, directory: Path, extra_files: Mapping[str, str] | None = None) -> None:
+        """`save_pretrained` into a temporary folder, then swapped in: a killed run never leaves half a model.
+
+        With LoRA the folder holds the merged plain model and, in `lora_adapter/`, the adapter on its own.
+        `training_state.pt` keeps the exact trainable state for reloading the best epoch."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            model = self.unwrapped
             temporary = directory.with_name(f".{directory.name}.tmp")
             if temporary.exists():
                 shutil.rmtree(temporary)
-            self.unwrapped.save_pretrained(temporary)
-            (temporary / "item_ids.json").write_text(
-                json.dumps({"raw_item_ids": self.catalog.raw_item_ids}, ensure_ascii=False)
-            )
+            if _is_peft(model):
+                model.save_pretrained(temporary / "lora_adapter")
+                merged = copy.deepcopy(model).merge_and_unload()
+                merged.save_pretrained(temporary)
+            else:
+                model.save_pretrained(temporary)
+            torch.save(model.state_dict(), temporary / "training_state.pt")
+            for name, text in (extra_files or {}).items():
+                (temporary / name).write_text(text)
             if directory == self.output_dir:
                 # The output folder also holds checkpoints and logs: swap in the model files one by one.
                 for path in temporary.iterdir():
-                    os.replace(path, directory / path.name)
+                    target = directory / path.name
+                    if path.is_dir() and target.exists():
+                        shutil.rmtree(target)
+                    os.replace(path, target)
                 temporary.rmdir()
             else:
                 _replace_directory(temporary, directory)
         self.accelerator.wait_for_everyone()
 
+    def load_training_state(self, directory: Path) -> None:
+        """Reload the weights saved by `save_model` (any model type, LoRA included) into the live model."""
+        state = torch.load(directory / "training_state.pt", map_location=self.accelerator.device, weights_only=True)
+        key = next(k for k in state if k.endswith("interest_tokenizer.centroids"))
+        _resize_interest_state(self.unwrapped, state[key].shape[0] - 1)
+        self.unwrapped.load_state_dict(state)
+
     # ------------------------------------------------------------------------------------------ training
-    def train_epoch(self, epoch: int) -> float:
+    def compute_loss(self, model, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_epoch(self, epoch: int) -> tuple[float, int]:
+        """One pass over the training loader; returns the mean loss and the number of samples seen here."""
         model, args = self.prepared_model, self.args
         model.train()
         _set_sampler_epoch(self.train_loader, epoch)
+        collate = getattr(self.train_loader, "collate_fn", None)
+        if hasattr(collate, "set_epoch"):
+            collate.set_epoch(epoch)
         total = torch.zeros((), device=self.accelerator.device)
-        steps = 0
+        steps = samples = 0
         bar = tqdm(
             self.train_loader,
             desc=f"epoch {epoch}",
@@ -438,25 +470,68 @@ class MissrecTrainer:
             if args.max_steps_per_epoch is not None and step >= args.max_steps_per_epoch:
                 break
             with self.accelerator.accumulate(model):
-                output = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-                )
-                self.accelerator.backward(output.loss)
+                loss = self.compute_loss(model, batch)
+                self.accelerator.backward(loss)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            total += output.loss.detach()
+            total += loss.detach()  # no .item(): no host sync per step
             steps += 1
-        return float(total) / max(steps, 1)
+            samples += batch["input_ids"].shape[0]
+        return float(total) / max(steps, 1), samples
+
+
+class MissrecTrainer(_AcceleratedLoop):
+    """Fine-tunes a [`MissrecForSequentialRecommendation`] (or its LoRA-wrapped form) on one domain.
+
+    model: built for `catalog` (its features already loaded); dataset: a DatasetDict with train/valid/test.
+    """
+
+    def __init__(self, model, dataset, catalog: ItemCatalog, args: TrainingArguments):
+        super().__init__(model, args)
+        self.catalog = catalog
+        model.check_inputs = False  # the loader validated every row; avoid a host sync per step
+        world = self.accelerator.num_processes
+        max_len = model.config.max_seq_length
+        self.train_loader = build_loader(
+            dataset["train"],
+            max_len,
+            self.per_device_batch_size,
+            True,
+            args.seed,
+            args.group_by_length,
+            args.dataloader_num_workers,
+        )
+        eval_per_device = max(1, args.eval_batch_size // world)
+        self.valid_loader = build_loader(dataset["valid"], max_len, eval_per_device, False, args.seed, True, 0)
+        self.test_loader = build_loader(dataset["test"], max_len, eval_per_device, False, args.seed, True, 0)
+        self.prepared_model, self.optimizer, self.train_loader, self.valid_loader, self.test_loader = (
+            self.accelerator.prepare(model, self.optimizer, self.train_loader, self.valid_loader, self.test_loader)
+        )
+
+    def compute_loss(self, model, batch) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    def _evaluate(self, loader: DataLoader, description: str):
+        return evaluate_ranking(
+            self.unwrapped,
+            loader,
+            self.accelerator,
+            tuple(self.args.eval_ks),
+            self.args.exclude_history,
+            self.args.eval_block_size,
+            show_progress=self.accelerator.is_main_process and not self.args.disable_tqdm,
+            description=description,
+        )
+
+    def _item_ids_file(self) -> dict[str, str]:
+        return {"item_ids.json": json.dumps({"raw_item_ids": self.catalog.raw_item_ids}, ensure_ascii=False)}
 
     def train(self) -> dict:
         args = self.args
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
         state = self.state
-        if self.accelerator.is_main_process and self.accelerator.log_with:
-            self.accelerator.init_trackers(
-                "missrec", config={k: v for k, v in asdict(args).items() if v is not None and not isinstance(v, list)}
-            )
+        self.start_trackers("missrec_finetune")
         metric = args.metric_for_best_model
         self.log(
             "evaluation protocol: full ranking over %d items (padding excluded), ties count against the target, "
@@ -472,7 +547,7 @@ class MissrecTrainer:
             started = time.perf_counter()
             k = refresh_interests(self.accelerator, self.unwrapped, seed=args.seed + epoch)
             clustered = time.perf_counter()
-            loss = self.train_epoch(epoch)
+            loss, samples = self.train_epoch(epoch)
             trained = time.perf_counter()
             standard, shifted, _ = self._evaluate(self.valid_loader, "valid")
             valid = shifted if args.metric_cutoff_offset else standard
@@ -484,18 +559,20 @@ class MissrecTrainer:
                 "cluster_seconds": clustered - started,
                 "train_seconds": trained - clustered,
                 "eval_seconds": evaluated - trained,
+                "train_samples_per_second": samples * self.accelerator.num_processes / max(trained - clustered, 1e-9),
                 **{f"valid_{name}": value for name, value in valid.items()},
             }
             state.history.append(record)
             state.train_seconds += trained - started
             state.num_interests = k
             self.log(
-                "epoch %d: loss %.4f, K=%d, cluster %.1fs, train %.1fs, eval %.1fs | valid %s",
+                "epoch %d: loss %.4f, K=%d, cluster %.1fs, train %.1fs (%.0f samples/s), eval %.1fs | valid %s",
                 epoch,
                 loss,
                 k,
                 record["cluster_seconds"],
                 record["train_seconds"],
+                record["train_samples_per_second"],
                 record["eval_seconds"],
                 _format_metrics(valid),
             )
@@ -504,7 +581,7 @@ class MissrecTrainer:
             if valid[metric] >= state.best_metric:
                 state.best_metric, state.best_epoch = valid[metric], epoch
                 state.epochs_without_improvement = 0
-                self.save_model(self.output_dir / BEST_DIR)
+                self.save_model(self.output_dir / BEST_DIR, self._item_ids_file())
             else:
                 state.epochs_without_improvement += 1
             state.epoch = epoch + 1
@@ -519,8 +596,8 @@ class MissrecTrainer:
     def finish(self) -> dict:
         """Reload the best model, evaluate it on valid and test, write the final model and the metrics."""
         best_dir = self.output_dir / BEST_DIR
-        if best_dir.exists():
-            self._load_weights_from(best_dir)
+        if (best_dir / "training_state.pt").exists():
+            self.load_training_state(best_dir)
         valid, valid_shifted, _ = self._evaluate(self.valid_loader, "valid")
         test, test_shifted, _ = self._evaluate(self.test_loader, "test")
         epochs = len(self.state.history)
@@ -528,6 +605,7 @@ class MissrecTrainer:
             "best_epoch": self.state.best_epoch,
             "epochs_run": epochs,
             "num_interests": self.state.num_interests,
+            "trainable_parameters": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad),
             "seconds_per_epoch": self.state.train_seconds / max(epochs, 1),
             "valid": valid,
             "valid_at_k_plus_1": valid_shifted,
@@ -535,27 +613,13 @@ class MissrecTrainer:
             "test_at_k_plus_1": test_shifted,
             "history": self.state.history,
         }
+        self.save_model(self.output_dir, self._item_ids_file())
         if self.accelerator.is_main_process:
-            self.save_model(self.output_dir)
             _write_json_atomically(self.output_dir / "metrics.json", metrics)
             (self.output_dir / "results.md").write_text(results_table(metrics, self.args.eval_ks))
-        else:
-            self.save_model(self.output_dir)
         if self.accelerator.log_with:
             self.accelerator.end_training()
         return metrics
-
-    def _load_weights_from(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(directory / "model.safetensors"), device=str(self.accelerator.device))
-        tokenizer = self.unwrapped.missrec.interest_tokenizer
-        key = "missrec.interest_tokenizer.centroids"
-        tokenizer.centroids = torch.zeros_like(state[key])
-        self.unwrapped.config.num_interests = state[key].shape[0] - 1
-        missing, unexpected = self.unwrapped.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"best model does not match: missing {missing}, unexpected {unexpected}")
 
 
 def _set_sampler_epoch(loader: DataLoader, epoch: int) -> None:
