@@ -17,6 +17,7 @@ SEQUENCE_FUSION_MODES = ("add",)
 KMEANS_INITS = ("k-means++", "random")
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "silu")
 REGULARIZER_REDUCTIONS = ("sum", "mean")
+REGULARIZER_POOLINGS = ("mean", "original")
 
 
 class MissrecConfig(PreTrainedConfig):
@@ -60,6 +61,8 @@ class MissrecConfig(PreTrainedConfig):
         interest_reg_weight (`float`, 1e-4): gamma, weight of the interest regulariser.
         interest_reg_reduction (`str`, "sum"): the original sums the regulariser over the batch; "mean" divides
             it by the batch size (independent of how a batch is split over processes).
+        interest_reg_pooling (`str`, "mean"): pooling of a sequence's encoded interests in the regulariser:
+            their mean, or "original" (sum x real slots / the batch's largest set: depends on the batch).
 
     Scoring
         item_fusion (`str`, "dynamic_shared"): how per-modality cosine scores are mixed: softmax over modalities
@@ -105,6 +108,7 @@ class MissrecConfig(PreTrainedConfig):
     kmeans_warm_start: bool = True
     interest_reg_weight: float = 1e-4
     interest_reg_reduction: str = "sum"
+    interest_reg_pooling: str = "mean"
     item_fusion: str = "dynamic_shared"
     sequence_fusion: str = "add"
     fusion_factor_init: float = 0.0
@@ -166,6 +170,7 @@ class MissrecConfig(PreTrainedConfig):
         _require_choice("kmeans_init", self.kmeans_init, KMEANS_INITS)
         _require_choice("hidden_act", self.hidden_act, ACTIVATIONS)
         _require_choice("interest_reg_reduction", self.interest_reg_reduction, REGULARIZER_REDUCTIONS)
+        _require_choice("interest_reg_pooling", self.interest_reg_pooling, REGULARIZER_POOLINGS)
 
 
 def _require(name: str, value, is_valid, allowed: str) -> None:

@@ -406,14 +406,20 @@ class MissrecModel(MissrecPreTrainedModel):
         return self.input_dropout(self.input_layer_norm(tokens))
 
     def interest_regularization(self, interest_states: torch.Tensor, interest_ids: torch.Tensor) -> torch.Tensor:
-        """R = reduce_b ||(n_b / Q) * sum_q M_bq||^2 / H, with n_b real interests of Q slots.
+        """R = reduce_b ||p_b||^2 / H over the batch, p_b a pooling of sequence b's encoded interests.
 
-        As the original: the pooled vector is scaled by the fraction of real slots and the batch is summed
-        (`interest_reg_reduction="sum"`). Fix: padded slots are left out of the sum (the original added the
-        encoder outputs at padded slots too)."""
+        `interest_reg_pooling="mean"` (default): p_b = mean of the real interest states. Fix: the original
+        pooled (n_b / Q) x sum over all Q slots, with Q the largest interest set *of the batch*, so a sequence's
+        penalty changed with its batch mates (and with how a batch is split over processes);
+        `"original"` keeps that weighting (padded slots still left out). As the original, the batch is summed
+        (`interest_reg_reduction="sum"`)."""
         real = (interest_ids != 0).to(interest_states.dtype)
-        fraction = real.sum(1, keepdim=True) / interest_ids.shape[1]
-        pooled = fraction * (interest_states * real.unsqueeze(-1)).sum(1)
+        count = real.sum(1, keepdim=True)
+        summed = (interest_states * real.unsqueeze(-1)).sum(1)
+        if self.config.interest_reg_pooling == "mean":
+            pooled = summed / count.clamp_min(1.0)
+        else:
+            pooled = summed * (count / interest_ids.shape[1])
         per_sequence = pooled.pow(2).sum(-1) / interest_states.shape[-1]
         return per_sequence.sum() if self.config.interest_reg_reduction == "sum" else per_sequence.mean()
 

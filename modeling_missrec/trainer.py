@@ -25,9 +25,16 @@ from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import HistoryDataset, ItemCatalog, LengthGroupedBatchSampler, identity_collate
+from .data import (
+    HistoryDataset,
+    ItemCatalog,
+    LengthGroupedBatchSampler,
+    PretrainingCollator,
+    PretrainingCorpus,
+    identity_collate,
+)
 from .metrics import metrics_from_ranks, streaming_ranks
-from .modeling_missrec import MissrecForSequentialRecommendation
+from .modeling_missrec import MissrecForPreTraining, MissrecForSequentialRecommendation
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +83,8 @@ class TrainingArguments:
     max_steps_per_epoch: int | None = field(default=None, metadata={"help": "Cut epochs short (smoke tests)."})
 
 
-FINETUNE_METHODS = ("full", "frozen")
+FINETUNE_METHODS = ("full", "frozen", "lora")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def _expand_path(path: str, name: str) -> str:
@@ -136,9 +144,14 @@ class ModelArguments:
         default="full",
         metadata={
             "help": "full: train everything. frozen: the paper's transfer recipe (position embedding, encoder and "
-            "decoder frozen; adaptors, input LayerNorm, fusion factor and ID table trained)."
+            "decoder frozen; adaptors, input LayerNorm, fusion factor and ID table trained). lora: LoRA (peft) on "
+            "every attention q/k/v/o projection, with the adaptors, input LayerNorm, fusion head and ID table "
+            "trained in full."
         },
     )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     interest_ratio: float = field(default=0.5, metadata={"help": "K = ceil(ratio x item tokens) interests."})
     config_overrides: str | None = field(
         default=None,
@@ -152,6 +165,42 @@ class ModelArguments:
             raise ValueError(f"finetune_method={self.finetune_method!r} is invalid; allowed: {list(FINETUNE_METHODS)}.")
         if self.model_name_or_path is not None:
             self.model_name_or_path = _expand_path(self.model_name_or_path, "model_name_or_path")
+
+
+def parse_config_and_flags(dataclass_types: tuple, argv: list[str], default_config: Path | None) -> tuple:
+    """Parse `dataclass_types` from a YAML file (`--config`, else `default_config`) under command-line flags
+    (the flags win). Returns the dataclass instances and the YAML path used."""
+    import yaml
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML file of settings; flags on the command line override it (default: {default_config}).",
+    )
+    config_path = parser.parse_known_args(argv)[0].config
+    if config_path is None and default_config is not None and Path(default_config).exists():
+        config_path = str(default_config)
+    if config_path:
+        with open(config_path, encoding="utf-8") as handle:
+            settings = yaml.safe_load(handle) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"{config_path}: unknown settings {unknown}; see --help for the valid names")
+        parser.set_defaults(**settings)
+    *parsed, _ = parser.parse_args_into_dataclasses(argv)
+    return (*parsed, config_path)
+
+
+def configure_logging(disable_progress: bool = False) -> None:
+    """Readable logs for the command-line entry points; transformers' save/load bars off when asked."""
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if disable_progress:
+        transformers.utils.logging.disable_progress_bar()
 
 
 def parse_overrides(text: str | None) -> dict:
@@ -191,7 +240,26 @@ def build_model(model_args: ModelArguments, catalog: ItemCatalog) -> MissrecForS
     model.load_item_features(catalog.features, catalog.present)
     if model_args.finetune_method == "frozen":
         model.freeze_backbone_for_transfer()
+    elif model_args.finetune_method == "lora":
+        model = wrap_with_lora(model, model_args)
     return model
+
+
+def wrap_with_lora(model: MissrecForSequentialRecommendation, model_args: ModelArguments):
+    """A peft `PeftModel`: LoRA on the attention projections, the domain-specific parts trained in full."""
+    from peft import LoraConfig, get_peft_model
+
+    modules_to_save = [f"adaptors.{m}" for m in model.config.modalities] + ["input_layer_norm", "fusion"]
+    if model.config.use_item_ids:
+        modules_to_save.append("item_embeddings")
+    config = LoraConfig(
+        r=model_args.lora_rank,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=LORA_TARGETS,
+        modules_to_save=modules_to_save,
+    )
+    return get_peft_model(model, config)
 
 
 def _load_matching_weights(model: MissrecForSequentialRecommendation, directory: str) -> None:
@@ -241,12 +309,15 @@ def _replace_directory(temporary: Path, final: Path) -> None:
         os.replace(temporary, final)
 
 
-def refresh_interests(accelerator: Accelerator, model: MissrecForSequentialRecommendation, seed: int) -> int:
-    """k-means once on the main process; every other process receives the same centroids and interest ids."""
+def refresh_interests(accelerator: Accelerator, model, seed: int, refresh=None) -> int:
+    """k-means once on the main process; every other process receives the same centroids and interest ids.
+
+    `refresh(model, seed)` runs the clustering (default: `model.refresh_interests(seed=seed)`)."""
+    refresh = refresh or (lambda m, s: m.refresh_interests(seed=s))
     if accelerator.num_processes == 1:
-        return model.refresh_interests(seed=seed)
+        return refresh(model, seed)
     tokenizer = model.missrec.interest_tokenizer
-    k = [model.refresh_interests(seed=seed) if accelerator.is_main_process else 0]
+    k = [refresh(model, seed) if accelerator.is_main_process else 0]
     broadcast_object_list(k)
     if not accelerator.is_main_process:
         tokenizer.centroids = torch.zeros(k[0] + 1, model.config.hidden_size, device=tokenizer.centroids.device)
@@ -489,7 +560,8 @@ class MissrecTrainer(_AcceleratedLoop):
     def __init__(self, model, dataset, catalog: ItemCatalog, args: TrainingArguments):
         super().__init__(model, args)
         self.catalog = catalog
-        model.check_inputs = False  # the loader validated every row; avoid a host sync per step
+        base = model.get_base_model() if _is_peft(model) else model
+        base.check_inputs = False  # the loader validated every row; avoid a host sync per step
         world = self.accelerator.num_processes
         max_len = model.config.max_seq_length
         self.train_loader = build_loader(
@@ -622,6 +694,195 @@ class MissrecTrainer(_AcceleratedLoop):
         return metrics
 
 
+@dataclass
+class PretrainingArguments:
+    """How to pre-train. Defaults are the paper's FHCKM recipe (reference §5): global batch 4096, 100 epochs,
+    a checkpoint every 10 epochs."""
+
+    output_dir: str = field(default="outputs/pretrain", metadata={"help": "Where checkpoints and the model go."})
+    num_train_epochs: int = field(default=100, metadata={"help": "Pre-training epochs."})
+    train_batch_size: int = field(default=4096, metadata={"help": "Global batch (all processes x accumulation)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay."})
+    seed: int = field(default=2020, metadata={"help": "Seeds python, numpy, torch, batches, augmentation, k-means."})
+    save_every_epochs: int = field(
+        default=10, metadata={"help": "Write <output_dir>/checkpoint-epoch-N (a from_pretrained folder) every N."}
+    )
+    augment: bool = field(default=True, metadata={"help": "Add the sequence-to-augmented-sequence loss."})
+    word_drop_ratio: float = field(
+        default=0.2, metadata={"help": "Word drop: share of positions whose text is the word-dropped version."}
+    )
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    group_by_length: bool = field(default=True, metadata={"help": "Batch similar history lengths together."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers (feature gathering)."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'latest' for <output_dir>/checkpoint."}
+    )
+    report_to: str = field(default="auto", metadata={"help": "Tracker: tensorboard, none, or auto (if installed)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide progress bars."})
+    max_steps_per_epoch: int | None = field(default=None, metadata={"help": "Cut epochs short (smoke tests)."})
+
+
+@dataclass
+class PretrainDataArguments:
+    """The pre-training domains: atomic-file folders whose train rows are merged (reference §2.4)."""
+
+    domain_dirs: list[str] = field(
+        default_factory=lambda: ["data/scientific_mm"],
+        metadata={"help": "Atomic-file folders, one per domain (environment variables allowed)."},
+    )
+    text_features: str | None = field(
+        default="{name}.feat1CLS", metadata={"help": "Text feature file per domain ({name} = the domain prefix)."}
+    )
+    image_features: str | None = field(default="{name}.feat3CLS", metadata={"help": "Image feature file per domain."})
+    augmented_text_features: str | None = field(
+        default="{name}.feat2CLS",
+        metadata={"help": "Word-dropped text features (used for word-drop augmentation when every domain has them)."},
+    )
+    text_feature_size: int | None = field(default=512, metadata={"help": "Width of raw text feature files."})
+    image_feature_size: int | None = field(default=512, metadata={"help": "Width of raw image feature files."})
+
+    def feature_files(self) -> dict[str, str]:
+        files = {"text": self.text_features, "image": self.image_features}
+        return {m: f for m, f in files.items() if f}
+
+    def feature_sizes(self) -> dict[str, int]:
+        sizes = {"text": self.text_feature_size, "image": self.image_feature_size}
+        files = self.feature_files()
+        return {m: size for m, size in sizes.items() if size and m in files and not files[m].endswith(".npy")}
+
+    def resolved_domain_dirs(self) -> list[str]:
+        return [_expand_path(d, "domain_dirs") for d in self.domain_dirs]
+
+
+@dataclass
+class PretrainModelArguments:
+    """The model to pre-train (content only)."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Continue from a saved MISSRec."})
+    interest_ratio: float = field(default=0.02, metadata={"help": "K = ceil(ratio x item tokens); 0.02 in the paper."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Other MissrecConfig fields, 'name=value,name=value'."}
+    )
+
+
+def build_pretraining_model(model_args: PretrainModelArguments, corpus: PretrainingCorpus) -> MissrecForPreTraining:
+    from .configuration_missrec import MissrecConfig
+
+    settings = {
+        "num_items": corpus.num_items,
+        "use_item_ids": False,
+        "modalities": list(corpus.features),
+        "interest_ratio": model_args.interest_ratio,
+        **{f"{m}_feature_size": corpus.feature_size(m) for m in corpus.features},
+        **parse_overrides(model_args.config_overrides),
+    }
+    if model_args.model_name_or_path is None:
+        return MissrecForPreTraining(MissrecConfig(**settings))
+    path = _expand_path(model_args.model_name_or_path, "model_name_or_path")
+    source = MissrecConfig.from_pretrained(path)
+    model = MissrecForPreTraining(MissrecConfig(**{**source.to_diff_dict(), **settings, "num_interests": 0}))
+    _load_matching_weights(model, path)
+    return model
+
+
+class MissrecPretrainer(_AcceleratedLoop):
+    """Pre-trains a [`MissrecForPreTraining`] on a merged multi-domain corpus with Accelerate."""
+
+    def __init__(self, model: MissrecForPreTraining, corpus: PretrainingCorpus, args: PretrainingArguments):
+        super().__init__(model, args)
+        self.corpus = corpus
+        config = model.config
+        collator = PretrainingCollator(
+            corpus,
+            item_drop_ratio=config.item_drop_ratio,
+            item_drop_prob=config.item_drop_prob,
+            word_drop_ratio=args.word_drop_ratio,
+            seed=args.seed,
+            augment=args.augment,
+        )
+        dataset = HistoryDataset(corpus.train, config.max_seq_length)
+        sampler = LengthGroupedBatchSampler(
+            dataset.lengths,
+            self.per_device_batch_size,
+            shuffle=True,
+            seed=args.seed,
+            group_factor=50 if args.group_by_length else 1,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+        self.prepared_model, self.optimizer, self.train_loader = self.accelerator.prepare(model, self.optimizer, loader)
+        self.train_loader.collate_fn = collator
+
+    def compute_loss(self, model, batch) -> torch.Tensor:
+        return model(**batch).loss
+
+    def train(self) -> dict:
+        args = self.args
+        if args.resume_from_checkpoint:
+            self.load_checkpoint(args.resume_from_checkpoint)
+        state = self.state
+        self.start_trackers("missrec_pretrain")
+        self.log(
+            "pre-training on %s; %d processes, global batch %d, negatives gathered from all processes",
+            self.corpus.summary(),
+            self.accelerator.num_processes,
+            args.train_batch_size,
+        )
+        present = self.corpus.modality_present()
+        for epoch in range(state.epoch, args.num_train_epochs):
+            started = time.perf_counter()
+            k = refresh_interests(
+                self.accelerator,
+                self.unwrapped,
+                seed=args.seed + epoch,
+                refresh=lambda model, seed: model.refresh_interests(self.corpus.features, present, seed=seed),
+            )
+            clustered = time.perf_counter()
+            loss, samples = self.train_epoch(epoch)
+            trained = time.perf_counter()
+            record = {
+                "epoch": epoch,
+                "loss": loss,
+                "num_interests": k,
+                "cluster_seconds": clustered - started,
+                "train_seconds": trained - clustered,
+                "train_samples_per_second": samples * self.accelerator.num_processes / max(trained - clustered, 1e-9),
+            }
+            state.history.append(record)
+            state.train_seconds += trained - started
+            state.num_interests = k
+            state.epoch = epoch + 1
+            self.log(
+                "epoch %d: loss %.4f, K=%d, cluster %.1fs, train %.1fs (%.0f samples/s)",
+                epoch,
+                loss,
+                k,
+                record["cluster_seconds"],
+                record["train_seconds"],
+                record["train_samples_per_second"],
+            )
+            if self.accelerator.log_with:
+                self.accelerator.log({k_: v for k_, v in record.items() if k_ != "epoch"}, step=epoch)
+            if args.save_every_epochs and state.epoch % args.save_every_epochs == 0:
+                self.save_model(self.output_dir / f"checkpoint-epoch-{state.epoch}")
+            self.save_checkpoint()
+        self.save_model(self.output_dir)
+        summary = {"epochs_run": len(state.history), "num_processes": self.accelerator.num_processes,
+                   "seconds_per_epoch": state.train_seconds / max(len(state.history), 1), "history": state.history}
+        if self.accelerator.is_main_process:
+            _write_json_atomically(self.output_dir / "pretrain_metrics.json", summary)
+        if self.accelerator.log_with:
+            self.accelerator.end_training()
+        return summary
+
+
 def _set_sampler_epoch(loader: DataLoader, epoch: int) -> None:
     """Make the batch order a function of (seed, epoch). Accelerate's loader re-sets its sampler's epoch from
     its own iteration counter on every pass, which restarts at 0 in a resumed run: set that counter too."""
@@ -652,4 +913,16 @@ def results_table(metrics: Mapping, ks) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["MissrecTrainer", "TrainerState", "TrainingArguments", "evaluate_ranking", "refresh_interests"]
+__all__ = [
+    "MissrecPretrainer",
+    "PretrainDataArguments",
+    "PretrainModelArguments",
+    "PretrainingArguments",
+    "build_pretraining_model",
+    "MissrecTrainer",
+    "TrainerState",
+    "TrainingArguments",
+    "evaluate_ranking",
+    "parse_config_and_flags",
+    "refresh_interests",
+]
