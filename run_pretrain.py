@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary = trainer.train()
     if trainer.accelerator.is_main_process:
         last = summary["history"][-1] if summary["history"] else {}
-        print(f"pre-trained {summary['epochs_run']} epochs on {summary['num_processes']} process(es); "
-              f"last loss {last.get('loss', float('nan')):.4f}; model written to {training_args.output_dir}")
+        print(
+            f"pre-trained {summary['epochs_run']} epochs on {summary['num_processes']} process(es); "
+            f"last loss {last.get('loss', float('nan')):.4f}; model written to {training_args.output_dir}"
+        )
     return summary
 
 

@@ -194,12 +194,14 @@ def read_feature_file(
         table = np.memmap(path, dtype=np.float32, mode="r").reshape(-1, feature_size)
     if table.shape[0] != num_items:
         raise AtomicFileError(f"{path}: {table.shape[0]} rows, expected one per item ({num_items})")
-    chunk = 65536
+    chunk, first_bad, bad_rows = 65536, None, 0
     for start in range(0, len(table), chunk):
         bad = ~np.isfinite(table[start : start + chunk]).all(axis=1)
         if bad.any():
-            row = start + int(np.argmax(bad))
-            raise AtomicFileError(f"{path}: row {row} holds NaN or inf")
+            first_bad = start + int(np.argmax(bad)) if first_bad is None else first_bad
+            bad_rows += int(bad.sum())
+    if first_bad is not None:
+        raise AtomicFileError(f"{path}: row {first_bad} holds NaN or inf ({bad_rows} rows in all)")
     if memory_map and table.dtype == np.float32:
         return table
     return np.ascontiguousarray(table, dtype=np.float32)
@@ -513,8 +515,10 @@ class PretrainingCorpus:
 
     def summary(self) -> str:
         rows = len(self.train["target"])
-        parts = [f"{len(self.domain_names)} domains ({', '.join(self.domain_names)}), {self.num_items} items, "
-                 f"{rows} train rows"]
+        parts = [
+            f"{len(self.domain_names)} domains ({', '.join(self.domain_names)}), {self.num_items} items, "
+            f"{rows} train rows"
+        ]
         parts += [f"{m}: width {t.width}, present for {int(self.present[m].sum())}" for m, t in self.features.items()]
         if self.augmented_text is not None:
             parts.append("word-dropped text features available")

@@ -739,8 +739,10 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
         if config.use_item_ids:
             raise ValueError("MissrecForPreTraining is content-only: set use_item_ids=False (got True).")
         if config.item_fusion == "dynamic_instance":
-            raise ValueError("item_fusion='dynamic_instance' needs the full catalogue as candidates; use "
-                             "'dynamic_shared' or 'static' for pre-training.")
+            raise ValueError(
+                "item_fusion='dynamic_instance' needs the full catalogue as candidates; use "
+                "'dynamic_shared' or 'static' for pre-training."
+            )
         self.missrec = MissrecModel(config)
         self.fusion = MissrecFusionHead(config)
         self.post_init()

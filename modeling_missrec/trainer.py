@@ -874,8 +874,12 @@ class MissrecPretrainer(_AcceleratedLoop):
                 self.save_model(self.output_dir / f"checkpoint-epoch-{state.epoch}")
             self.save_checkpoint()
         self.save_model(self.output_dir)
-        summary = {"epochs_run": len(state.history), "num_processes": self.accelerator.num_processes,
-                   "seconds_per_epoch": state.train_seconds / max(len(state.history), 1), "history": state.history}
+        summary = {
+            "epochs_run": len(state.history),
+            "num_processes": self.accelerator.num_processes,
+            "seconds_per_epoch": state.train_seconds / max(len(state.history), 1),
+            "history": state.history,
+        }
         if self.accelerator.is_main_process:
             _write_json_atomically(self.output_dir / "pretrain_metrics.json", summary)
         if self.accelerator.log_with:
