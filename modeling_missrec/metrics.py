@@ -35,6 +35,7 @@ __all__ = [
     "metrics_from_ranks",
     "reference_ranks",
     "streaming_ranks",
+    "streaming_topk",
 ]
 
 EVALUATE_MODULE_PATH = str(Path(__file__).parent / "missrec_ranking")
@@ -255,6 +256,46 @@ def streaming_ranks(
         return RankingResult(ranks=count + 1)
     best_items = best_items.masked_fill(best_scores == -math.inf, 0)
     return RankingResult(ranks=count + 1, topk_scores=best_scores, topk_items=best_items)
+
+
+def streaming_topk(
+    score_block: Callable[[int, int], Tensor],
+    num_items: int,
+    top_k: int,
+    block_size: int = 8192,
+    exclude_items: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The ``top_k`` best items per row (scores, item ids), best first, over item ids ``1..num_items``, keeping
+    only a running top-k (never ``[B, num_items]``). Ties go to the lower item id; ``exclude_items`` [B, L]
+    (0 = padding) are never returned; rows with fewer than ``top_k`` rankable items end in (-inf, 0)."""
+    if not _is_int(top_k) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if not _is_int(num_items) or num_items < 1:
+        raise ValueError(f"num_items must be an int >= 1, got {num_items!r}")
+    best_scores = best_items = exclude = None
+    with torch.no_grad():
+        for start in range(1, num_items + 1, block_size):
+            end = min(start + block_size, num_items + 1)
+            block = score_block(start, end)
+            batch, width = block.shape
+            if best_scores is None:
+                best_scores = torch.full((batch, top_k), -math.inf, dtype=block.dtype, device=block.device)
+                best_items = torch.zeros(batch, top_k, dtype=torch.long, device=block.device)
+                if exclude_items is not None:
+                    exclude = _check_exclude(exclude_items, batch, num_items).to(block.device)
+            unrankable = torch.isnan(block)
+            if exclude is not None:
+                offset = exclude - start
+                offset = torch.where((offset >= 0) & (offset < width), offset, width)
+                mask = torch.zeros(batch, width + 1, dtype=torch.bool, device=block.device)
+                unrankable |= mask.scatter_(1, offset, True)[:, :width]
+            block_scores, block_items = _block_topk(block.masked_fill(unrankable, -math.inf), top_k, start)
+            merged = torch.cat([best_scores, block_scores], dim=1)
+            merged_items = torch.cat([best_items, block_items], dim=1)
+            best_scores, order = merged.sort(dim=1, descending=True, stable=True)
+            best_scores = best_scores[:, :top_k]
+            best_items = merged_items.gather(1, order[:, :top_k])
+    return best_scores, best_items.masked_fill(best_scores == -math.inf, 0)
 
 
 # --------------------------------------------------------------------------------------------------------

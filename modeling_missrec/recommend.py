@@ -1,0 +1,293 @@
+"""Recommendations from a trained MISSRec, new items from their features alone, and sharing on the Hub.
+
+    from modeling_missrec.recommend import MissrecRecommender
+
+    recommender = MissrecRecommender.from_pretrained("outputs/scientific_mm")
+    recommender.recommend([["B00O47ILVA", "B00CJ5EO2E"]], k=10)   # raw ids (ASINs) or model item ids
+
+Scores are exactly those of training and evaluation (`MissrecForSequentialRecommendation.score_items`), and
+the top-k is kept as a running state over item blocks, so a large catalogue never builds a `[B, N]` matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .interests import assign_to_centroids
+from .metrics import streaming_topk
+from .modeling_missrec import MissrecForSequentialRecommendation
+
+logger = logging.getLogger(__name__)
+
+ITEM_IDS_FILE = "item_ids.json"
+
+
+@dataclass
+class Recommendation:
+    item_id: int  # model item id (file index + 1)
+    raw_item_id: str | None  # e.g. the ASIN, when the id map is known
+    score: float  # fused score before the temperature, as in training
+
+
+class MissrecRecommender:
+    """Top-k recommendation for histories given as raw item ids or model item ids."""
+
+    def __init__(
+        self,
+        model: MissrecForSequentialRecommendation,
+        raw_item_ids: Sequence[str] | None = None,
+        block_size: int = 8192,
+    ):
+        self.model = model.eval()
+        self.model.check_inputs = True
+        self.block_size = block_size
+        self.raw_item_ids = list(raw_item_ids) if raw_item_ids is not None else None
+        if self.raw_item_ids is not None and len(self.raw_item_ids) != model.config.num_items:
+            raise ValueError(
+                f"raw_item_ids has {len(self.raw_item_ids)} entries, expected one per item ({model.config.num_items})"
+            )
+        self._index = {raw: i + 1 for i, raw in enumerate(self.raw_item_ids or [])}
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> MissrecRecommender:
+        """Load a saved recommender folder (with its `item_ids.json` when present)."""
+        model = MissrecForSequentialRecommendation.from_pretrained(path, **kwargs)
+        ids_file = Path(path) / ITEM_IDS_FILE
+        raw = json.loads(ids_file.read_text())["raw_item_ids"] if ids_file.exists() else None
+        return cls(model, raw)
+
+    # ----------------------------------------------------------------------------------------- histories
+    def item_ids(self, history: Sequence[str | int]) -> list[int]:
+        """Model item ids of one history; strings are raw ids, integers model ids (1..num_items)."""
+        ids = []
+        for position, item in enumerate(history):
+            if isinstance(item, str):
+                if item not in self._index:
+                    known = "no raw id map was loaded" if not self._index else f"{len(self._index)} known raw ids"
+                    raise KeyError(f"history position {position}: unknown item {item!r} ({known})")
+                ids.append(self._index[item])
+            else:
+                item = int(item)
+                if not 1 <= item <= self.model.config.num_items:
+                    raise ValueError(
+                        f"history position {position}: item id {item} outside 1..{self.model.config.num_items}"
+                    )
+                ids.append(item)
+        if not ids:
+            raise ValueError("an empty history cannot be scored; give at least one item")
+        return ids
+
+    def pad(self, histories: Sequence[Sequence[str | int]]) -> torch.Tensor:
+        """Right-padded `[B, W]` ids, the most recent `max_seq_length` items of each history."""
+        limit = self.model.config.max_seq_length
+        rows = [self.item_ids(history)[-limit:] for history in histories]
+        width = max(map(len, rows))
+        padded = torch.zeros(len(rows), width, dtype=torch.long)
+        for row, ids in enumerate(rows):  # building the request, not the model path: a short loop is fine
+            padded[row, : len(ids)] = torch.tensor(ids)
+        return padded.to(self.model.device)
+
+    # ------------------------------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def scores(self, histories: Sequence[Sequence[str | int]]) -> torch.Tensor:
+        """Scores `[B, num_items + 1]` of every item (column 0, padding, is -inf); small catalogues only."""
+        input_ids = self.pad(histories)
+        sequence = self.model.encode(input_ids).sequence_embedding
+        items = self.model.item_tokens()
+        scores = self.model.score_items(sequence, items, 1, self.model.config.num_items + 1)
+        return torch.cat([torch.full_like(scores[:, :1], float("-inf")), scores], dim=1)
+
+    @torch.no_grad()
+    def recommend(
+        self,
+        histories: Sequence[Sequence[str | int]],
+        k: int = 10,
+        exclude_history: bool = False,
+        batch_size: int = 256,
+    ) -> list[list[Recommendation]]:
+        """The `k` best items for each history, best first."""
+        results: list[list[Recommendation]] = []
+        items = self.model.item_tokens()
+        for start in range(0, len(histories), batch_size):
+            input_ids = self.pad(histories[start : start + batch_size])
+            sequence = self.model.encode(input_ids).sequence_embedding
+            top_scores, top_items = streaming_topk(
+                lambda s, e, sequence=sequence: self.model.score_items(sequence, items, s, e),
+                self.model.config.num_items,
+                k,
+                self.block_size,
+                input_ids if exclude_history else None,
+            )
+            for scores_row, items_row in zip(top_scores.tolist(), top_items.tolist()):
+                results.append(
+                    [
+                        Recommendation(item, self.raw_item_ids[item - 1] if self.raw_item_ids else None, score)
+                        for score, item in zip(scores_row, items_row)
+                        if item != 0
+                    ]
+                )
+        return results
+
+    # ---------------------------------------------------------------------------------------- new items
+    @torch.no_grad()
+    def add_items(
+        self,
+        features: Mapping[str, np.ndarray | torch.Tensor],
+        raw_item_ids: Sequence[str] | None = None,
+    ) -> list[int]:
+        """Add items known only by their features to an inductive model's catalogue, without retraining.
+
+        `features[m]` is `[n, F_m]` for every modality of the model (an all-zero row = missing modality).
+        Each new item's interest id is its nearest centroid per modality. Returns the new model item ids."""
+        model = self.model
+        config = model.config
+        if config.use_item_ids:
+            raise ValueError(
+                "add_items needs an inductive model (use_item_ids=False): a transductive model has no trained ID "
+                "embedding for new items"
+            )
+        if config.item_fusion == "dynamic_instance":
+            raise ValueError("add_items: item_fusion='dynamic_instance' has no fusion factor for new items")
+        sizes = {m: len(features[m]) for m in config.modalities if m in features}
+        if set(sizes) != set(config.modalities) or len(set(sizes.values())) != 1:
+            raise ValueError(f"add_items needs one [n, F] table per modality {config.modalities}; got sizes {sizes}")
+        count = next(iter(sizes.values()))
+        if raw_item_ids is not None and len(raw_item_ids) != count:
+            raise ValueError(f"raw_item_ids has {len(raw_item_ids)} entries for {count} new items")
+        if (raw_item_ids is None) != (self.raw_item_ids is None):
+            raise ValueError("give raw_item_ids exactly when the recommender has a raw id map")
+        device = model.device
+        new = {}
+        for m in config.modalities:
+            table = torch.as_tensor(np.asarray(features[m]), dtype=torch.float32, device=device)
+            if table.shape != (count, config.feature_size(m)) or not torch.isfinite(table).all():
+                raise ValueError(
+                    f"add_items: features[{m!r}] must be finite with shape {(count, config.feature_size(m))}, "
+                    f"got {tuple(table.shape)}"
+                )
+            new[m] = table
+        present = torch.stack([new[m].ne(0).any(1) for m in config.modalities])
+        if not config.mask_missing_modalities:
+            present = torch.ones_like(present)
+        tokenizer = model.missrec.interest_tokenizer
+        new_interests = torch.zeros(len(config.modalities), count, dtype=torch.long, device=device)
+        if config.num_interests > 0:
+            tokens = model.missrec.adapt(new).float()  # [M, n, H]
+            for index in range(len(config.modalities)):
+                nearest = assign_to_centroids(tokens[index], tokenizer.centroids[1:].float()) + 1
+                new_interests[index] = torch.where(present[index], nearest, torch.zeros_like(nearest))
+        for m in config.modalities:
+            setattr(model, f"{m}_features", torch.cat([getattr(model, f"{m}_features"), new[m]]))
+        model.item_modality_present = torch.cat([model.item_modality_present, present], dim=1)
+        tokenizer.item_interest_ids = torch.cat([tokenizer.item_interest_ids, new_interests], dim=1)
+        first = config.num_items + 1
+        config.num_items += count
+        if self.raw_item_ids is not None:
+            for offset, raw in enumerate(raw_item_ids):
+                if raw in self._index:
+                    raise ValueError(f"add_items: raw id {raw!r} is already in the catalogue")
+                self._index[raw] = first + offset
+            self.raw_item_ids.extend(raw_item_ids)
+        return list(range(first, first + count))
+
+    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
+        """The model and its raw id map, loadable with `from_pretrained`."""
+        self.model.save_pretrained(path, **kwargs)
+        if self.raw_item_ids is not None:
+            (Path(path) / ITEM_IDS_FILE).write_text(json.dumps({"raw_item_ids": self.raw_item_ids}))
+
+
+# -------------------------------------------------------------------------------------------- the Hub
+def model_card(metrics: Mapping | None, dataset: str, mode: str, repo_id: str | None = None) -> str:
+    """A README.md for a fine-tuned recommender: data, protocol, metrics, usage."""
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [recommendation, sequential-recommendation, missrec, multimodal]",
+        "---",
+        "",
+        f"# MISSRec recommender{f' ({repo_id})' if repo_id else ''}",
+        "",
+        "MISSRec (Wang et al., ACM MM 2023): multi-modal interest-aware sequence representation for sequential",
+        "recommendation, trained with the `missrec` library.",
+        "",
+        f"- Dataset: {dataset}",
+        f"- Mode: {mode} ({'item IDs + content' if mode == 'transductive' else 'content only'})",
+        "- Protocol: leave-one-out, full ranking over every item (padding excluded), history not excluded, ties",
+        "  count against the target; HR@K and NDCG@K at the standard cut-off K (the original code reported",
+        "  @K+1, shown separately).",
+        "",
+    ]
+    if metrics:
+        columns = ["hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr"]
+        lines += ["| split | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for split in ("valid", "test", "test_at_k_plus_1"):
+            if split in metrics:
+                values = " | ".join(f"{metrics[split].get(c, float('nan')):.4f}" for c in columns)
+                lines.append(f"| {split.replace('_at_k_plus_1', ' (@K+1)')} | {values} |")
+        lines += ["", f"Best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}.", ""]
+    name = repo_id or "<this folder>"
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModel",
+        f'model = AutoModel.from_pretrained("{name}", trust_remote_code=True).eval()',
+        "logits = model(input_ids).logits   # input_ids: [B, L] item ids (1-based), right-padded with 0",
+        "```",
+        "",
+        f"`{ITEM_IDS_FILE}` maps model item ids to raw item ids (entry i is item id i + 1).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    api=None,
+    dataset: str = "unknown",
+    mode: str | None = None,
+    commit_message: str = "Upload MISSRec recommender",
+) -> str:
+    """Upload a saved recommender folder (safetensors weights, config with `auto_map`, the model code, the item
+    id map) with a generated model card. `api` defaults to `huggingface_hub.HfApi()`; tests pass a mock."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    for required in ("config.json", "model.safetensors", "modeling_missrec.py"):
+        if not (folder / required).exists():
+            raise FileNotFoundError(f"push_to_hub: {folder / required} is missing; save the model there first")
+    metrics_file = folder / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    config = json.loads((folder / "config.json").read_text())
+    mode = mode or ("transductive" if config.get("use_item_ids") else "inductive")
+    card = folder / "README.md"
+    temporary = card.with_name(".README.md.tmp")
+    temporary.write_text(model_card(metrics, dataset, mode, repo_id))
+    os.replace(temporary, card)
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    ignore = ["checkpoint/*", "best_model/*", ".*", "*.tmp", "training_state.pt", "runs/*", "missrec_finetune/*"]
+    api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=commit_message,
+        ignore_patterns=ignore,
+    )
+    return repo_id
+
+
+__all__ = ["MissrecRecommender", "Recommendation", "model_card", "push_to_hub"]
