@@ -20,6 +20,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from modeling_missrec.data import dataset_statistics, load_atomic_dataset, load_item_catalog
+from modeling_missrec.recommend import model_card, push_to_hub
 from modeling_missrec.trainer import (
     DataArguments,
     MissrecTrainer,
@@ -55,10 +56,24 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("training: %s", training_args)
         logger.info("MissrecConfig: %s", model.config.to_json_string(use_diff=True).replace("\n", " "))
         logger.info("trainable parameters: %d (processes: %d)", trainable, trainer.accelerator.num_processes)
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. 'user/missrec-scientific')")
     metrics = trainer.train()
     if trainer.accelerator.is_main_process:
+        mode = "transductive" if model.config.use_item_ids else "inductive"
+        card = model_card(metrics, Path(data_dir).name, mode, training_args.hub_model_id)
+        (Path(training_args.output_dir) / "README.md").write_text(card)
         print(results_table(metrics, training_args.eval_ks))
-        print(f"model, metrics.json and results.md written to {training_args.output_dir}")
+        print(f"model, metrics.json, results.md and a model card written to {training_args.output_dir}")
+        if training_args.push_to_hub:
+            push_to_hub(
+                training_args.output_dir,
+                training_args.hub_model_id,
+                private=training_args.hub_private_repo,
+                dataset=Path(data_dir).name,
+                mode=mode,
+            )
+            print(f"uploaded to the Hub as {training_args.hub_model_id}")
     return metrics
 
 

@@ -81,6 +81,9 @@ class TrainingArguments:
     report_to: str = field(default="auto", metadata={"help": "Tracker: tensorboard, none, or auto (if installed)."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide progress bars."})
     max_steps_per_epoch: int | None = field(default=None, metadata={"help": "Cut epochs short (smoke tests)."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hub at the end."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. 'user/missrec-office'."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
 
 
 FINETUNE_METHODS = ("full", "frozen", "lora")

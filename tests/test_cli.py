@@ -1,0 +1,111 @@
+"""The command-line entry points: --help, YAML + flag precedence, a tiny end-to-end run with a mocked upload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from test_trainer import TINY, write_planted_dataset
+
+import run_finetune
+import run_pretrain
+from modeling_missrec.trainer import DataArguments, ModelArguments, PretrainingArguments, TrainingArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("script", "dataclasses"),
+    [
+        ("run_finetune.py", (DataArguments, ModelArguments, TrainingArguments)),
+        ("run_pretrain.py", (PretrainingArguments,)),
+    ],
+)
+def test_help_explains_every_flag(script, dataclasses):
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for cls in dataclasses:
+        for field in cls.__dataclass_fields__.values():
+            assert f"--{field.name}" in result.stdout, field.name
+            assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help text"
+
+
+def test_yaml_settings_are_overridden_by_flags(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("num_train_epochs: 7\nmode: inductive\nlearning_rate: 0.01\n")
+    data, model, training, path = run_finetune.parse_config_and_flags(
+        (DataArguments, ModelArguments, TrainingArguments),
+        ["--config", str(config), "--learning_rate", "0.002"],
+        run_finetune.DEFAULT_CONFIG,
+    )
+    assert path == str(config)
+    assert (training.num_train_epochs, model.mode, training.learning_rate) == (7, "inductive", 0.002)
+    config.write_text("num_train_epoch: 7\n")
+    with pytest.raises(ValueError, match=r"unknown settings \['num_train_epoch'\]"):
+        run_finetune.parse_config_and_flags((TrainingArguments,), ["--config", str(config)], None)
+
+
+def test_the_default_config_is_the_embedded_demo():
+    data, model, training, path = run_finetune.parse_config_and_flags(
+        (DataArguments, ModelArguments, TrainingArguments), [], run_finetune.DEFAULT_CONFIG
+    )
+    assert path.endswith("configuration/finetune/default.yaml")
+    assert data.data_dir == "data/scientific_mm" and model.mode == "transductive"
+    assert model.model_name_or_path is None
+
+
+def test_paper_configs_parse_and_name_their_dataset_root(monkeypatch):
+    monkeypatch.setenv("MISSREC_DATA_ROOT", "/data/downstream")
+    monkeypatch.setenv("MISSREC_PRETRAINED", "/models/fhckm")
+    configs = sorted((ROOT / "configuration" / "finetune").glob("run*.yaml"))
+    assert len(configs) == 20
+    for config in configs:
+        data, model, training, _ = run_finetune.parse_config_and_flags(
+            (DataArguments, ModelArguments, TrainingArguments), ["--config", str(config)], None
+        )
+        assert data.resolved_data_dir().startswith("/data/downstream/")
+        assert ("pretrained" in config.name) == (model.finetune_method == "frozen")
+        if "office_id" in config.name:
+            assert (training.train_batch_size, model.interest_ratio) == (1024, 0.3)
+
+
+def test_finetune_end_to_end_with_push(tmp_path):
+    folder = write_planted_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = [
+        "--data_dir", str(folder), "--text_features", "Toy.text.npy", "--image_features", "Toy.image.npy",
+        "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out), "--num_train_epochs", "2",
+        "--train_batch_size", "64", "--config_overrides", TINY, "--report_to", "none", "--disable_tqdm", "true",
+        "--push_to_hub", "true", "--hub_model_id", "me/toy",
+    ]  # fmt: skip
+    with mock.patch("huggingface_hub.HfApi") as api_class:
+        metrics = run_finetune.main(argv)
+    api_class.return_value.upload_folder.assert_called_once()
+    assert json.loads((out / "metrics.json").read_text())["test"] == metrics["test"]
+    assert "me/toy" in (out / "README.md").read_text()
+
+
+def test_pretrain_end_to_end_on_the_embedded_data(tmp_path):
+    argv = [
+        "--output_dir",
+        str(tmp_path / "pre"),
+        "--num_train_epochs",
+        "1",
+        "--max_steps_per_epoch",
+        "2",
+        "--config_overrides",
+        TINY,
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--save_every_epochs",
+        "1",
+    ]
+    summary = run_pretrain.main(argv)
+    assert summary["epochs_run"] == 1 and summary["num_processes"] == 1
+    assert (tmp_path / "pre" / "checkpoint-epoch-1" / "model.safetensors").exists()
