@@ -111,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max_steps_per_epoch", type=int, default=None, help="Cut every epoch short (smoke tests only)."
     )
     parser.add_argument(
+        "--mixed_precision", default="no", choices=("no", "bf16", "fp16"), help="Autocast for training (bf16 on CPU)."
+    )
+    parser.add_argument(
         "--num_threads",
         type=int,
         default=None,
@@ -164,6 +167,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict]:
         early_stopping_patience=args.early_stopping_patience,
         metric_cutoff_offset=args.metric_cutoff_offset,
         max_steps_per_epoch=args.max_steps_per_epoch,
+        mixed_precision=args.mixed_precision,
         report_to="none",
         disable_tqdm=True,
     )
@@ -202,6 +206,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict]:
             "metric_cutoff_offset": args.metric_cutoff_offset,
             "config_overrides": args.config_overrides,
             "max_steps_per_epoch": args.max_steps_per_epoch,
+            "mixed_precision": args.mixed_precision,
             "torch_num_threads": torch.get_num_threads(),
             "data_dir": str(data_dir),
             "text_features": spec["text_features"],
@@ -308,7 +313,8 @@ def render_markdown(results: dict) -> str:
             f"- {key}: `{run['command']}` on {run['date']} ({run['machine']['cpu_model']}, "
             f"{settings['torch_num_threads']} threads); epochs <= {settings['num_train_epochs']}, patience "
             f"{settings['early_stopping_patience']}, seed {settings['seed']}, batch {settings['train_batch_size']}, "
-            f"lr {settings['learning_rate']}, early stopping at offset {settings['metric_cutoff_offset']}, overrides "
+            f"lr {settings['learning_rate']}, precision {settings.get('mixed_precision', 'no')}, "
+            f"early stopping at offset {settings['metric_cutoff_offset']}, overrides "
             f"{settings['config_overrides'] or 'none'}"
             + (f", max {settings['max_steps_per_epoch']} steps/epoch" if settings["max_steps_per_epoch"] else "")
             + f"; K={run['num_interests']}, wall {run['wall_seconds']:.0f} s"

@@ -1,0 +1,874 @@
+"""Raw interaction log + item metadata -> the atomic files that `modeling_missrec.data` reads.
+
+Pipeline (every drop is counted in `ConversionStats` and logged; bad input raises `ConversionError`):
+  1. read the interaction log (CSV/TSV, Parquet or JSON Lines) and the item metadata; validate ids and timestamps
+  2. optionally drop exact duplicate interactions (same user, item and timestamp; kept by default, because
+     repeated purchases are real interactions in Amazon-style logs)
+  3. keep only interactions of items that have a metadata row
+  4. iterative k-core filtering of users and items until nothing changes
+  5. per user, a stable sort by timestamp (equal timestamps keep their file order)
+  6. users indexed in order of first appearance in the filtered log; items in order of first appearance when
+     reading the users in that order, each user's interactions in time order; users with fewer than 3
+     interactions (possible only with k < 3) cannot be split and are skipped
+  7. leave-one-out split: last item -> test target, second-to-last -> valid target, every earlier position t >= 1
+     -> one train row; histories keep the most recent `max_seq_length` items
+  8. item text = cleaned title + categories + brand (configurable); optional `X.images` with image paths
+
+Files written to `output_dir` (each via a temporary file and `os.replace`, so a reader never sees half a file):
+`X.train.inter`, `X.valid.inter`, `X.test.inter`, `X.user2index`, `X.item2index`, `X.text`, `X.images` (with an
+image column) and `X.stats.json`.
+
+Row numbers in error messages count data records from 1 (the CSV header is not a row); for JSON Lines they are
+line numbers.
+
+    python -m modeling_missrec.convert ratings.csv meta.jsonl --output_dir data/Scientific --dataset_name Scientific
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gzip
+import html
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import INTER_HEADER, TEXT_HEADER
+
+logger = logging.getLogger(__name__)
+
+IMAGE_HEADER = ["item_id:token", "image:token"]
+FORMATS = ("csv", "tsv", "parquet", "jsonl")
+TEXT_FIELDS = ("title", "categories", "brand", "description")
+MIN_INTERACTIONS_TO_SPLIT = 3  # one train-part item, one valid target, one test target
+_EXTENSIONS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",  # Amazon review/metadata dumps named *.json are JSON Lines
+}
+
+
+class ConversionError(ValueError):
+    """Input that cannot be converted; the message names the file, the row where there is one, and what was
+    expected."""
+
+
+@dataclass(frozen=True)
+class ColumnNames:
+    """Column names in the input files.
+
+    `metadata_item=None` means the same name as `item`. The optional metadata columns (categories, brand,
+    description) are used when a column of that name exists and skipped (logged) otherwise, as long as they keep
+    their default name; a name that differs from the default must exist, so a typo is an error, not a silently
+    missing field. `image=None` writes no `X.images` file.
+    """
+
+    user: str = "user_id"
+    item: str = "item_id"
+    time: str = "timestamp"
+    metadata_item: str | None = None
+    title: str = "title"
+    categories: str | None = "categories"
+    brand: str | None = "brand"
+    description: str | None = "description"
+    image: str | None = None
+
+    @property
+    def metadata_item_column(self) -> str:
+        return self.metadata_item or self.item
+
+    def is_default(self, name: str) -> bool:
+        """Whether the field `name` still has its default column name (then it may be absent from the file)."""
+        default = {f.name: f.default for f in fields(self)}[name]
+        return getattr(self, name) == default
+
+
+@dataclass
+class ConversionStats:
+    """What a conversion produced and everything it dropped, with the reason; saved as `X.stats.json`."""
+
+    dataset_name: str
+    users: int = 0
+    items: int = 0
+    interactions: int = 0
+    train_rows: int = 0
+    valid_rows: int = 0
+    test_rows: int = 0
+    sparsity: float = 0.0
+    sequence_length: dict[str, float] = field(default_factory=dict)  # interactions per user
+    history_length: dict[str, dict[str, float]] = field(default_factory=dict)  # per split, after truncation
+    # input and what was dropped, step by step
+    interactions_read: int = 0
+    metadata_rows_read: int = 0
+    duplicate_metadata_rows_skipped: int = 0
+    duplicate_interactions: int = 0  # exact (user, item, timestamp) repeats found in the log
+    duplicate_interactions_dropped: int = 0
+    interactions_without_metadata: int = 0
+    items_without_metadata: int = 0
+    metadata_items_never_interacted: int = 0
+    kcore_rounds: int = 0  # rounds that removed something
+    kcore_users_removed: int = 0
+    kcore_items_removed: int = 0
+    kcore_interactions_removed: int = 0
+    short_users_skipped: int = 0
+    short_user_interactions_dropped: int = 0
+    items_only_in_short_users: int = 0
+    empty_texts: int = 0  # items whose text fields were all empty
+    long_texts_emptied: int = 0
+    images_written: int | None = None
+    items_without_image: int | None = None
+    settings: dict[str, object] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A human-readable report, printed by the CLI."""
+        lines = [
+            f"dataset {self.dataset_name}: {self.users} users, {self.items} items, {self.interactions} interactions "
+            f"(sparsity {self.sparsity:.6f})",
+            f"rows: train {self.train_rows}, valid {self.valid_rows}, test {self.test_rows}",
+        ]
+        if self.sequence_length:
+            s = self.sequence_length
+            lines.append(
+                f"interactions per user: min {s['min']:g}, mean {s['mean']:.2f}, median {s['median']:g}, "
+                f"max {s['max']:g}"
+            )
+        for split, s in self.history_length.items():
+            if s:
+                lines.append(
+                    f"{split} history length: min {s['min']:g}, mean {s['mean']:.2f}, median {s['median']:g}, "
+                    f"max {s['max']:g}"
+                )
+        lines += [
+            f"read: {self.interactions_read} interactions, {self.metadata_rows_read} metadata rows",
+            f"duplicate metadata rows skipped: {self.duplicate_metadata_rows_skipped}",
+            f"exact duplicate interactions: {self.duplicate_interactions} found, "
+            f"{self.duplicate_interactions_dropped} dropped",
+            f"without metadata: {self.interactions_without_metadata} interactions of {self.items_without_metadata} "
+            f"items dropped; {self.metadata_items_never_interacted} metadata items never interacted with",
+            f"k-core ({self.settings.get('k_core')}): {self.kcore_rounds} rounds removed "
+            f"{self.kcore_users_removed} users, {self.kcore_items_removed} items, "
+            f"{self.kcore_interactions_removed} interactions",
+            f"users with fewer than {MIN_INTERACTIONS_TO_SPLIT} interactions skipped: {self.short_users_skipped} "
+            f"({self.short_user_interactions_dropped} interactions, {self.items_only_in_short_users} items only "
+            "they had)",
+            f"texts: {self.empty_texts} empty (no text fields), {self.long_texts_emptied} emptied for length "
+            f">= {self.settings.get('max_text_length')}",
+        ]
+        if self.images_written is not None:
+            lines.append(f"images: {self.images_written} paths written, {self.items_without_image} items without one")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ text
+_REMOVED_QUOTES = str.maketrans("", "", '"\u201c\u201d\u201e\u201f')
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """Unescape HTML entities, remove double quotes (ASCII and typographic; apostrophes stay, they are part of
+    words), turn newlines/tabs/any whitespace run into one space, and end with exactly one period.
+
+    Quotes are removed after unescaping, so `&quot;` goes too; an empty result stays empty (no lone period)."""
+    text = html.unescape(text).translate(_REMOVED_QUOTES)
+    text = _WHITESPACE.sub(" ", text).strip().rstrip(". ")
+    return f"{text}." if text else ""
+
+
+def _is_missing(value: object) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float | np.floating):
+        return math.isnan(value)
+    return value is pd.NA or value is pd.NaT
+
+
+def field_text(value: object) -> str:
+    """One metadata field as plain text: lists (also nested, and list-looking strings such as `["A", "B"]` or
+    `[['A', 'B']]` from CSV) are flattened and joined with spaces; missing values give ''."""
+    if _is_missing(value):
+        return ""
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            for parse in (json.loads, ast.literal_eval):  # literal_eval evaluates literals only, never code
+                try:
+                    parsed = parse(stripped)
+                except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                    continue
+                if isinstance(parsed, list):
+                    return field_text(parsed)
+        return stripped
+    if isinstance(value, list | tuple | np.ndarray):
+        return " ".join(part for part in map(field_text, value) if part)
+    return str(value)
+
+
+def item_text(values: Iterable[object], max_length: int = 2000) -> tuple[str, bool]:
+    """The cleaned text of one item from its field values; `(text, emptied_for_length)`.
+
+    A text of `max_length` characters or more becomes '' (such texts are mostly scraped noise, and a
+    fixed-length text encoder would only see their start anyway)."""
+    text = clean_text(" ".join(part for part in map(field_text, values) if part))
+    if len(text) >= max_length:
+        return "", True
+    return text, False
+
+
+# --------------------------------------------------------------------------------------------- reading
+def detect_format(path: str | os.PathLike, explicit: str | None = None) -> str:
+    """`csv`, `tsv`, `parquet` or `jsonl` from `explicit` or the file extension (a trailing `.gz` is ignored)."""
+    if explicit:
+        if explicit not in FORMATS:
+            raise ConversionError(f"{path}: unknown format {explicit!r}; expected one of {', '.join(FORMATS)}")
+        return explicit
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    if suffixes and suffixes[-1] in _EXTENSIONS:
+        return _EXTENSIONS[suffixes[-1]]
+    raise ConversionError(
+        f"{path}: cannot tell the format from the extension; expected one of {', '.join(sorted(_EXTENSIONS))} "
+        "(optionally .gz), or pass the format explicitly"
+    )
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix.lower() == ".gz" else open(path, encoding="utf-8")
+
+
+def _read_jsonl(path: Path, wanted: Sequence[str]) -> tuple[dict[str, list], np.ndarray, list[str]]:
+    """The `wanted` columns (absent keys -> None), the line number of each record and every key seen."""
+    columns: dict[str, list] = {name: [] for name in wanted}
+    rows: list[int] = []
+    seen: dict[str, None] = {}
+    with _open_text(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConversionError(
+                    f"{path}: row {line_number}: expected one JSON object per line ({error})"
+                ) from None
+            if not isinstance(record, dict):
+                raise ConversionError(f"{path}: row {line_number}: expected a JSON object, got {type(record).__name__}")
+            for key in record:
+                if key not in seen:
+                    seen[key] = None
+            for name in wanted:
+                columns[name].append(record.get(name))
+            rows.append(line_number)
+    return columns, np.asarray(rows, dtype=np.int64), list(seen)
+
+
+def _missing_column(path: Path, column: str, role: str, found: Sequence[str]) -> ConversionError:
+    shown = list(found)[:50]
+    more = f" (and {len(found) - 50} more)" if len(found) > 50 else ""
+    return ConversionError(
+        f"{path}: missing column {column!r} (the {role} column); columns found: {shown}{more}. "
+        f"Name the right column with --{role}_column."
+    )
+
+
+def read_table(
+    path: str | os.PathLike,
+    required: dict[str, str],
+    optional: dict[str, str] | None = None,
+    file_format: str | None = None,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Columns of a CSV/TSV, Parquet or JSON Lines file, and each record's row number for messages.
+
+    `required` and `optional` map column names to their role (for messages); a missing required column is an
+    error listing the columns found, a missing optional one is left out of the frame. CSV cells are read as
+    strings (empty -> ''), so ids such as `0001` keep their leading zeros."""
+    path = Path(path)
+    optional = optional or {}
+    if not path.is_file():
+        raise ConversionError(f"{path}: file not found")
+    fmt = detect_format(path, file_format)
+    wanted = list(dict.fromkeys([*required, *optional]))
+    try:
+        if fmt in ("csv", "tsv"):
+            sep = "\t" if fmt == "tsv" else ","
+            found = list(pd.read_csv(path, sep=sep, nrows=0).columns)
+            present = [c for c in wanted if c in found]
+            _check_columns(path, required, found)
+            frame = pd.read_csv(path, sep=sep, usecols=present, dtype=str, keep_default_na=False)
+            rows = np.arange(1, len(frame) + 1, dtype=np.int64)
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            found = list(pq.read_schema(path).names)
+            present = [c for c in wanted if c in found]
+            _check_columns(path, required, found)
+            frame = pd.read_parquet(path, columns=present)
+            rows = np.arange(1, len(frame) + 1, dtype=np.int64)
+        else:
+            columns, rows, found = _read_jsonl(path, wanted)
+            _check_columns(path, required, found)
+            present = [c for c in wanted if c in found]
+            frame = pd.DataFrame({c: pd.Series(columns[c], dtype=object) for c in present}, index=range(len(rows)))
+    except ConversionError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as error:  # pandas' parser errors are ValueErrors
+        raise ConversionError(f"{path}: cannot read as {fmt}: {error}") from error
+    except Exception as error:  # pyarrow raises its own ArrowInvalid etc. for a corrupt Parquet file
+        raise ConversionError(f"{path}: cannot read as {fmt}: {type(error).__name__}: {error}") from error
+    for column, role in optional.items():
+        if column not in frame.columns:
+            logger.info("%s: no %r column; the %s field is left empty", path, column, role)
+    return frame.reset_index(drop=True), rows
+
+
+def _check_columns(path: Path, required: dict[str, str], found: Sequence[str]) -> None:
+    for column, role in required.items():
+        if column not in found:
+            raise _missing_column(path, column, role, found)
+
+
+def _id_string(value: object) -> str:
+    if _is_missing(value):
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bool | np.bool_):
+        return str(value)
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        # Parquet/pandas turn an integer column with gaps into floats; 12.0 is the id "12"
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    return str(value).strip()
+
+
+def normalise_ids(values: pd.Series, path: Path, column: str, rows: np.ndarray) -> np.ndarray:
+    """Ids as stripped strings (integers without a decimal point); an empty or missing id, or one with a tab or
+    newline (which would break the TSV output), is an error naming the first such row."""
+    if pd.api.types.is_integer_dtype(values.dtype) and not values.isna().any():
+        strings = values.astype(np.int64).astype(str).to_numpy(dtype=object)
+    else:
+        strings = values.map(_id_string).to_numpy(dtype=object)
+    empty = strings == ""
+    if empty.any():
+        first = int(np.argmax(empty))
+        raise ConversionError(
+            f"{path}: row {rows[first]}: empty or missing id in column {column!r} ({int(empty.sum())} such rows); "
+            "every row needs one"
+        )
+    bad = np.fromiter(("\t" in s or "\n" in s or "\r" in s for s in strings), dtype=bool, count=len(strings))
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ConversionError(
+            f"{path}: row {rows[first]}: id {strings[first]!r} in column {column!r} contains a tab or newline, "
+            "which the tab-separated output cannot hold"
+        )
+    return strings
+
+
+def parse_timestamps(values: pd.Series, path: Path, column: str, rows: np.ndarray) -> np.ndarray:
+    """Seconds since the epoch (float64) from integers/floats (unix seconds) or ISO-8601 strings (naive ones
+    are read as UTC). Anything else, including an empty cell, is an error naming the first bad row."""
+    if pd.api.types.is_bool_dtype(values.dtype):
+        raise ConversionError(f"{path}: column {column!r} holds booleans; expected unix seconds or ISO-8601 strings")
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        parsed = pd.to_datetime(values, utc=True)
+        seconds = ((parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64)
+    elif pd.api.types.is_numeric_dtype(values.dtype):
+        seconds = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        objects = values.astype(object)
+        objects = objects.where(~objects.map(lambda v: isinstance(v, bool)), None)  # True is not a time
+        seconds = np.array(pd.to_numeric(objects, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan))
+        todo = np.isnan(seconds) & objects.map(lambda v: isinstance(v, str) and v.strip() != "").to_numpy(bool)
+        if todo.any():
+            texts = objects[todo].map(str.strip)
+            parsed = pd.to_datetime(texts, format="ISO8601", utc=True, errors="coerce")
+            seconds[todo] = ((parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(
+                dtype=np.float64, na_value=np.nan
+            )
+    bad = ~np.isfinite(seconds)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ConversionError(
+            f"{path}: row {rows[first]}: cannot parse timestamp {values.iloc[first]!r} in column {column!r} "
+            f"({int(bad.sum())} such rows); expected unix seconds (integer or float) or an ISO-8601 string"
+        )
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _summary(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {}
+    return {
+        "min": float(values.min()),
+        "mean": float(values.mean()),
+        "median": float(np.median(values)),
+        "max": float(values.max()),
+    }
+
+
+def _write_atomically(path: Path, chunks: Iterable[str]) -> None:
+    """Write to a temporary file in the same folder, then `os.replace` it over `path`: an interrupted run
+    leaves the old file or none, never half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as out:
+            for chunk in chunks:
+                out.write(chunk)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _kcore(user_codes: np.ndarray, item_codes: np.ndarray, k: int, stats: ConversionStats) -> np.ndarray:
+    """Mask of the interactions in the k-core: repeatedly drop users and items with fewer than `k`
+    interactions (counted over what is left, repeats included) until a round changes nothing."""
+    keep = np.ones(len(user_codes), dtype=bool)
+    num_users, num_items = int(user_codes.max()) + 1, int(item_codes.max()) + 1
+    users_before = len(np.unique(user_codes))
+    items_before = len(np.unique(item_codes))
+    while True:
+        user_counts = np.bincount(user_codes[keep], minlength=num_users)
+        item_counts = np.bincount(item_codes[keep], minlength=num_items)
+        still = keep & (user_counts[user_codes] >= k) & (item_counts[item_codes] >= k)
+        if still.sum() == keep.sum():
+            break
+        stats.kcore_rounds += 1
+        keep = still
+        if not keep.any():
+            break
+    stats.kcore_users_removed = users_before - len(np.unique(user_codes[keep]))
+    stats.kcore_items_removed = items_before - len(np.unique(item_codes[keep]))
+    stats.kcore_interactions_removed = int(len(keep) - keep.sum())
+    return keep
+
+
+def _history_rows(user_index: int, sequence: list[str], max_seq_length: int) -> tuple[list[str], str, str, np.ndarray]:
+    """The leave-one-out rows of one user, whose item indices (as strings, time order) are `sequence`:
+    position t's history is the `max_seq_length` items before t; t = n-1 is test, n-2 valid, 1..n-3 train."""
+    n = len(sequence)
+    user = str(user_index)
+    lines = [f"{user}\t{' '.join(sequence[max(0, t - max_seq_length) : t])}\t{sequence[t]}\n" for t in range(1, n)]
+    lengths = np.minimum(np.arange(1, n), max_seq_length)
+    return lines[:-2], lines[-2], lines[-1], lengths
+
+
+# ------------------------------------------------------------------------------------------------- main
+def convert_interactions(
+    interactions_path: str | os.PathLike,
+    metadata_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    dataset_name: str,
+    *,
+    k_core: int = 5,
+    max_seq_length: int = 50,
+    columns: ColumnNames | None = None,
+    interactions_format: str | None = None,
+    metadata_format: str | None = None,
+    text_fields: Sequence[str] = ("title", "categories", "brand"),
+    max_text_length: int = 2000,
+    on_duplicate_metadata: str = "error",
+    drop_duplicate_interactions: bool = False,
+) -> ConversionStats:
+    """Convert an interaction log and item metadata into atomic files `output_dir/dataset_name.*`.
+
+    `text_fields` picks (and orders) the metadata fields joined into an item's text, from
+    `title`, `categories`, `brand`, `description`. `on_duplicate_metadata` is `"error"` (a second metadata row
+    for an item is an error naming both rows) or `"first"` (keep the first row, count the others).
+    Returns the statistics, which are also written to `dataset_name.stats.json`."""
+    columns = columns or ColumnNames()
+    interactions_path, metadata_path, output_dir = Path(interactions_path), Path(metadata_path), Path(output_dir)
+    if k_core < 1:
+        raise ConversionError(f"k_core must be at least 1, got {k_core}")
+    if max_seq_length < 1:
+        raise ConversionError(f"max_seq_length must be at least 1, got {max_seq_length}")
+    if not dataset_name or any(c in dataset_name for c in "/\\\t\n") or dataset_name.startswith("."):
+        raise ConversionError(f"dataset_name {dataset_name!r}: expected a plain file-name prefix such as 'Scientific'")
+    if on_duplicate_metadata not in ("error", "first"):
+        raise ConversionError(f"on_duplicate_metadata must be 'error' or 'first', got {on_duplicate_metadata!r}")
+    unknown = [f for f in text_fields if f not in TEXT_FIELDS]
+    if unknown or not text_fields:
+        raise ConversionError(f"text_fields {list(text_fields)}: expected a non-empty subset of {list(TEXT_FIELDS)}")
+
+    stats = ConversionStats(dataset_name=dataset_name)
+    stats.settings = {
+        "interactions_path": str(interactions_path),
+        "metadata_path": str(metadata_path),
+        "k_core": k_core,
+        "max_seq_length": max_seq_length,
+        "text_fields": list(text_fields),
+        "max_text_length": max_text_length,
+        "on_duplicate_metadata": on_duplicate_metadata,
+        "drop_duplicate_interactions": drop_duplicate_interactions,
+        "columns": asdict(columns),
+    }
+
+    # --- metadata: one row per item
+    meta_required = {columns.metadata_item_column: "metadata_item", columns.title: "title"}
+    meta_optional: dict[str, str] = {}
+    field_columns: dict[str, str] = {"title": columns.title}
+    for name in ("categories", "brand", "description"):
+        column = getattr(columns, name)
+        if column is None or name not in text_fields:
+            continue
+        field_columns[name] = column
+        (meta_optional if columns.is_default(name) else meta_required)[column] = name
+    if columns.image is not None:
+        meta_required[columns.image] = "image"
+    metadata, meta_rows = read_table(metadata_path, meta_required, meta_optional, metadata_format)
+    stats.metadata_rows_read = len(metadata)
+    meta_ids = normalise_ids(
+        metadata[columns.metadata_item_column], metadata_path, columns.metadata_item_column, meta_rows
+    )
+    duplicated = pd.Series(meta_ids).duplicated(keep="first").to_numpy()
+    if duplicated.any():
+        if on_duplicate_metadata == "error":
+            second = int(np.argmax(duplicated))
+            first = int(np.argmax(meta_ids == meta_ids[second]))
+            raise ConversionError(
+                f"{metadata_path}: item {meta_ids[second]!r} has two metadata rows (rows {meta_rows[first]} and "
+                f"{meta_rows[second]}; {int(duplicated.sum())} duplicate rows in all); expected one row per item, "
+                "or pass --on_duplicate_metadata first to keep the first"
+            )
+        stats.duplicate_metadata_rows_skipped = int(duplicated.sum())
+        logger.warning(
+            "%s: %d duplicate metadata rows skipped (first row of each item kept)",
+            metadata_path,
+            stats.duplicate_metadata_rows_skipped,
+        )
+        metadata, meta_ids = metadata[~duplicated].reset_index(drop=True), meta_ids[~duplicated]
+    if len(metadata) == 0:
+        raise ConversionError(f"{metadata_path}: no metadata rows")
+    meta_position = pd.Index(meta_ids)
+
+    # --- interactions
+    log, rows = read_table(
+        interactions_path,
+        {columns.user: "user", columns.item: "item", columns.time: "time"},
+        file_format=interactions_format,
+    )
+    stats.interactions_read = len(log)
+    if len(log) == 0:
+        raise ConversionError(f"{interactions_path}: no interaction rows")
+    users = normalise_ids(log[columns.user], interactions_path, columns.user, rows)
+    items = normalise_ids(log[columns.item], interactions_path, columns.item, rows)
+    times = parse_timestamps(log[columns.time], interactions_path, columns.time, rows)
+    del log
+    user_codes, user_names = pd.factorize(users)  # codes in order of first appearance in the file
+    item_codes, item_names = pd.factorize(items)
+    keep = np.ones(len(users), dtype=bool)
+
+    triples = pd.DataFrame({"u": user_codes, "i": item_codes, "t": times})
+    repeats = triples.duplicated(keep="first").to_numpy()
+    stats.duplicate_interactions = int(repeats.sum())
+    if drop_duplicate_interactions and repeats.any():
+        keep &= ~repeats
+        stats.duplicate_interactions_dropped = stats.duplicate_interactions
+        logger.info("dropped %d exact duplicate interactions", stats.duplicate_interactions)
+    del triples
+
+    has_metadata = meta_position.get_indexer(item_names) >= 0  # per distinct item
+    without = keep & ~has_metadata[item_codes]
+    stats.interactions_without_metadata = int(without.sum())
+    stats.items_without_metadata = len(np.unique(item_codes[without]))
+    before = f"{int(keep.sum())} interactions of {len(np.unique(item_codes[keep]))} items"
+    keep &= has_metadata[item_codes]
+    if stats.interactions_without_metadata:
+        logger.warning(
+            "%s: dropped %d interactions of %d items that have no row in %s",
+            interactions_path,
+            stats.interactions_without_metadata,
+            stats.items_without_metadata,
+            metadata_path,
+        )
+    if not keep.any():
+        raise ConversionError(
+            f"{interactions_path}: no interaction is left after keeping items with metadata (before: {before}; "
+            f"{len(meta_ids)} items in {metadata_path}); do the item ids of the two files match "
+            f"(columns {columns.item!r} and {columns.metadata_item_column!r})?"
+        )
+    stats.metadata_items_never_interacted = int(len(meta_ids) - has_metadata[np.unique(item_codes[keep])].sum())
+
+    # --- k-core on what is left
+    index = np.nonzero(keep)[0]
+    sub_users, sub_items = user_codes[index], item_codes[index]
+    before = f"{len(index)} interactions, {len(np.unique(sub_users))} users, {len(np.unique(sub_items))} items"
+    core = _kcore(sub_users, sub_items, k_core, stats)
+    index = index[core]
+    logger.info(
+        "k-core (k=%d): %d rounds removed %d users, %d items, %d interactions",
+        k_core,
+        stats.kcore_rounds,
+        stats.kcore_users_removed,
+        stats.kcore_items_removed,
+        stats.kcore_interactions_removed,
+    )
+    if len(index) == 0:
+        raise ConversionError(
+            f"{interactions_path}: k-core filtering with k={k_core} removed every interaction (before it: {before}); "
+            "use a smaller --k_core or more data"
+        )
+
+    # --- users that cannot be split (only possible with k < 3)
+    counts = np.bincount(user_codes[index], minlength=len(user_names))
+    short = counts[user_codes[index]] < MIN_INTERACTIONS_TO_SPLIT
+    if short.any():
+        stats.short_users_skipped = int(((counts > 0) & (counts < MIN_INTERACTIONS_TO_SPLIT)).sum())
+        stats.short_user_interactions_dropped = int(short.sum())
+        remaining_items = np.unique(item_codes[index[~short]])
+        stats.items_only_in_short_users = len(np.setdiff1d(np.unique(item_codes[index[short]]), remaining_items))
+        logger.warning(
+            "skipped %d users with fewer than %d interactions (%d interactions); they cannot be split into "
+            "train/valid/test",
+            stats.short_users_skipped,
+            MIN_INTERACTIONS_TO_SPLIT,
+            stats.short_user_interactions_dropped,
+        )
+        before = f"{len(index)} interactions of {int((counts > 0).sum())} users"
+        index = index[~short]
+        if len(index) == 0:
+            raise ConversionError(
+                f"{interactions_path}: every user left after k-core filtering (k={k_core}; {before}) has fewer than "
+                f"{MIN_INTERACTIONS_TO_SPLIT} interactions, so none can be split into train/valid/test"
+            )
+
+    # --- order: users by first appearance in the filtered log, then time, then file position (stable)
+    user_order, kept_user_codes = pd.factorize(user_codes[index])
+    order = np.lexsort((index, times[index], user_order))
+    index = index[order]
+    user_order = user_order[order]
+    item_order, kept_item_codes = pd.factorize(item_codes[index])  # first appearance in the sorted scan
+    user_raw = user_names[kept_user_codes]
+    item_raw = item_names[kept_item_codes]
+
+    # --- rows
+    boundaries = np.flatnonzero(np.diff(user_order)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(index)]])
+    tokens = item_order.astype(str).tolist()
+    train: list[str] = []
+    valid: list[str] = []
+    test: list[str] = []
+    train_lengths: list[np.ndarray] = []
+    for user, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
+        train_lines, valid_line, test_line, lengths = _history_rows(user, tokens[start:end], max_seq_length)
+        train.extend(train_lines)
+        valid.append(valid_line)
+        test.append(test_line)
+        train_lengths.append(lengths[:-2])
+    if not train:
+        raise ConversionError(
+            f"{interactions_path}: no train rows: each of the {len(starts)} users left after filtering has exactly "
+            f"{MIN_INTERACTIONS_TO_SPLIT} interactions (one history item, the valid and the test target), and a "
+            "train split needs a user with at least 4"
+        )
+    sequence_lengths = ends - starts
+    stats.users, stats.items, stats.interactions = len(starts), len(item_raw), len(index)
+    stats.train_rows, stats.valid_rows, stats.test_rows = len(train), len(valid), len(test)
+    stats.sparsity = 1.0 - stats.interactions / (stats.users * stats.items)
+    stats.sequence_length = _summary(sequence_lengths)
+    stats.history_length = {
+        "train": _summary(np.concatenate(train_lengths)),
+        "valid": _summary(np.minimum(sequence_lengths - 2, max_seq_length)),
+        "test": _summary(np.minimum(sequence_lengths - 1, max_seq_length)),
+    }
+
+    # --- item texts and images, for the surviving items only
+    position = meta_position.get_indexer(item_raw)
+    kept_meta = metadata.iloc[position].reset_index(drop=True)
+    text_columns = [field_columns[f] for f in text_fields if f in field_columns and field_columns[f] in kept_meta]
+    texts: list[str] = []
+    for values in zip(*(kept_meta[c].tolist() for c in text_columns)):
+        text, emptied = item_text(values, max_text_length)
+        stats.long_texts_emptied += emptied
+        stats.empty_texts += (not text) and not emptied
+        texts.append(text)
+    if stats.long_texts_emptied:
+        logger.warning("%d item texts of %d or more characters were emptied", stats.long_texts_emptied, max_text_length)
+    images: list[str] | None = None
+    if columns.image is not None:
+        images = [_image_path(v) for v in kept_meta[columns.image].tolist()]
+        stats.images_written = sum(bool(p) for p in images)
+        stats.items_without_image = len(images) - stats.images_written
+
+    # --- write
+    output_dir.mkdir(parents=True, exist_ok=True)
+    prefix = output_dir / dataset_name
+    header = "\t".join(INTER_HEADER) + "\n"
+    outputs: dict[str, Iterable[str]] = {
+        "train.inter": [header, *train],
+        "valid.inter": [header, *valid],
+        "test.inter": [header, *test],
+        "user2index": (f"{raw}\t{i}\n" for i, raw in enumerate(user_raw)),
+        "item2index": (f"{raw}\t{i}\n" for i, raw in enumerate(item_raw)),
+        "text": ["\t".join(TEXT_HEADER) + "\n", *(f"{raw}\t{t}\n" for raw, t in zip(item_raw, texts))],
+    }
+    if images is not None:
+        outputs["images"] = [
+            "\t".join(IMAGE_HEADER) + "\n",
+            *(f"{raw}\t{p}\n" for raw, p in zip(item_raw, images) if p),
+        ]
+    elif Path(f"{prefix}.images").exists():
+        logger.warning("%s.images is from an earlier run (no image column given this time)", prefix)
+    for suffix, chunks in outputs.items():
+        _write_atomically(Path(f"{prefix}.{suffix}"), chunks)
+    stats.files = [f"{dataset_name}.{suffix}" for suffix in outputs] + [f"{dataset_name}.stats.json"]
+    _write_atomically(Path(f"{prefix}.stats.json"), [json.dumps(stats.to_dict(), indent=2), "\n"])
+    logger.info(
+        "wrote %s.* (%d users, %d items, %d interactions)", prefix, stats.users, stats.items, stats.interactions
+    )
+    return stats
+
+
+def _image_path(value: object) -> str:
+    """An image path cell as text; a list (e.g. Amazon's `imageURLHighRes`) gives its first entry."""
+    if isinstance(value, list | tuple | np.ndarray):
+        value = next((v for v in value if not _is_missing(v) and str(v).strip()), None)
+    if _is_missing(value):
+        return ""
+    text = str(value).strip()
+    if any(c in text for c in "\t\n\r"):
+        raise ConversionError(f"image path {text!r} contains a tab or newline, which the .images file cannot hold")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_missrec.convert",
+        description=(
+            "Convert a raw interaction log and item metadata into MISSRec atomic files: keep items with metadata, "
+            "iterative k-core filtering, stable per-user time sort, leave-one-out train/valid/test rows, cleaned "
+            "item texts, optional image paths, and a statistics summary (printed and saved as X.stats.json)."
+        ),
+    )
+    parser.add_argument("interactions", help="interaction log: .csv, .tsv, .parquet or .jsonl (optionally .gz)")
+    parser.add_argument("metadata", help="item metadata: .csv, .tsv, .parquet or .jsonl (optionally .gz)")
+    parser.add_argument("--output_dir", required=True, help="folder for the atomic files (created if missing)")
+    parser.add_argument("--dataset_name", required=True, help="file prefix X of X.train.inter etc.")
+    parser.add_argument("--k_core", type=int, default=5, help="minimum interactions per user and item (default 5)")
+    parser.add_argument(
+        "--max_seq_length", type=int, default=50, help="keep the most recent N items of each history (default 50)"
+    )
+    parser.add_argument("--interactions_format", choices=FORMATS, help="format of the log (default: from extension)")
+    parser.add_argument("--metadata_format", choices=FORMATS, help="format of the metadata (default: from extension)")
+    parser.add_argument("--user_column", default="user_id", help="user id column of the log (default user_id)")
+    parser.add_argument("--item_column", default="item_id", help="item id column of the log (default item_id)")
+    parser.add_argument(
+        "--time_column",
+        default="timestamp",
+        help="timestamp column of the log: unix seconds or ISO-8601 (default timestamp)",
+    )
+    parser.add_argument(
+        "--metadata_item_column", default=None, help="item id column of the metadata (default: same as --item_column)"
+    )
+    parser.add_argument("--title_column", default="title", help="title column of the metadata (default title)")
+    parser.add_argument(
+        "--categories_column",
+        default="categories",
+        help="categories column, a list or a string (default categories; used if present)",
+    )
+    parser.add_argument("--brand_column", default="brand", help="brand column (default brand; used if present)")
+    parser.add_argument(
+        "--description_column",
+        default="description",
+        help="description column (default description; used if present and in --text_fields)",
+    )
+    parser.add_argument(
+        "--image_column", default=None, help="image path column; when given, X.images lists each item's image path"
+    )
+    parser.add_argument(
+        "--text_fields",
+        nargs="+",
+        choices=TEXT_FIELDS,
+        default=["title", "categories", "brand"],
+        help="metadata fields joined, in this order, into the item text (default title categories brand)",
+    )
+    parser.add_argument(
+        "--max_text_length",
+        type=int,
+        default=2000,
+        help="an item text of this many characters or more becomes empty (default 2000)",
+    )
+    parser.add_argument(
+        "--on_duplicate_metadata",
+        choices=("error", "first"),
+        default="error",
+        help="a second metadata row for an item: error (default) or keep the first and count the rest",
+    )
+    parser.add_argument(
+        "--drop_duplicate_interactions",
+        action="store_true",
+        help="drop exact repeats of (user, item, timestamp); by default they are kept as real repeat interactions",
+    )
+    parser.add_argument("--quiet", action="store_true", help="log warnings only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> ConversionStats:
+    """CLI entry point; prints the statistics summary. A `ConversionError` exits with status 2 and its message."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    columns = ColumnNames(
+        user=args.user_column,
+        item=args.item_column,
+        time=args.time_column,
+        metadata_item=args.metadata_item_column,
+        title=args.title_column,
+        categories=args.categories_column,
+        brand=args.brand_column,
+        description=args.description_column,
+        image=args.image_column,
+    )
+    try:
+        stats = convert_interactions(
+            args.interactions,
+            args.metadata,
+            args.output_dir,
+            args.dataset_name,
+            k_core=args.k_core,
+            max_seq_length=args.max_seq_length,
+            columns=columns,
+            interactions_format=args.interactions_format,
+            metadata_format=args.metadata_format,
+            text_fields=args.text_fields,
+            max_text_length=args.max_text_length,
+            on_duplicate_metadata=args.on_duplicate_metadata,
+            drop_duplicate_interactions=args.drop_duplicate_interactions,
+        )
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+    print(stats.summary())
+    print(f"wrote {', '.join(stats.files)} to {args.output_dir}")
+    return stats
+
+
+if __name__ == "__main__":
+    main()
