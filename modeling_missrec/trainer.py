@@ -524,6 +524,26 @@ class _AcceleratedLoop:
     def compute_loss(self, model, batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def cluster_and_train(self, epoch: int, refresh=None) -> dict:
+        """Refresh the interests (seeded by seed + epoch), train one epoch, record both in the state."""
+        started = time.perf_counter()
+        k = refresh_interests(self.accelerator, self.unwrapped, seed=self.args.seed + epoch, refresh=refresh)
+        clustered = time.perf_counter()
+        loss, samples = self.train_epoch(epoch)
+        trained = time.perf_counter()
+        record = {
+            "epoch": epoch,
+            "loss": loss,
+            "num_interests": k,
+            "cluster_seconds": clustered - started,
+            "train_seconds": trained - clustered,
+            "train_samples_per_second": samples * self.accelerator.num_processes / max(trained - clustered, 1e-9),
+        }
+        self.state.history.append(record)
+        self.state.train_seconds += trained - started
+        self.state.num_interests = k
+        return record
+
     def train_epoch(self, epoch: int) -> tuple[float, int]:
         """One pass over the training loader; returns the mean loss and the number of samples seen here."""
         model, args = self.prepared_model, self.args
@@ -619,27 +639,13 @@ class MissrecTrainer(_AcceleratedLoop):
             args.early_stopping_patience,
         )
         for epoch in range(state.epoch, args.num_train_epochs):
-            started = time.perf_counter()
-            k = refresh_interests(self.accelerator, self.unwrapped, seed=args.seed + epoch)
-            clustered = time.perf_counter()
-            loss, samples = self.train_epoch(epoch)
+            record = self.cluster_and_train(epoch)
             trained = time.perf_counter()
             standard, shifted, _ = self._evaluate(self.valid_loader, "valid")
             valid = shifted if args.metric_cutoff_offset else standard
-            evaluated = time.perf_counter()
-            record = {
-                "epoch": epoch,
-                "loss": loss,
-                "num_interests": k,
-                "cluster_seconds": clustered - started,
-                "train_seconds": trained - clustered,
-                "eval_seconds": evaluated - trained,
-                "train_samples_per_second": samples * self.accelerator.num_processes / max(trained - clustered, 1e-9),
-                **{f"valid_{name}": value for name, value in valid.items()},
-            }
-            state.history.append(record)
-            state.train_seconds += trained - started
-            state.num_interests = k
+            record["eval_seconds"] = time.perf_counter() - trained
+            record.update({f"valid_{name}": value for name, value in valid.items()})
+            k, loss = record["num_interests"], record["loss"]
             self.log(
                 "epoch %d: loss %.4f, K=%d, cluster %.1fs, train %.1fs (%.0f samples/s), eval %.1fs | valid %s",
                 epoch,
@@ -840,27 +846,10 @@ class MissrecPretrainer(_AcceleratedLoop):
         )
         present = self.corpus.modality_present()
         for epoch in range(state.epoch, args.num_train_epochs):
-            started = time.perf_counter()
-            k = refresh_interests(
-                self.accelerator,
-                self.unwrapped,
-                seed=args.seed + epoch,
-                refresh=lambda model, seed: model.refresh_interests(self.corpus.features, present, seed=seed),
+            record = self.cluster_and_train(
+                epoch, lambda model, seed: model.refresh_interests(self.corpus.features, present, seed=seed)
             )
-            clustered = time.perf_counter()
-            loss, samples = self.train_epoch(epoch)
-            trained = time.perf_counter()
-            record = {
-                "epoch": epoch,
-                "loss": loss,
-                "num_interests": k,
-                "cluster_seconds": clustered - started,
-                "train_seconds": trained - clustered,
-                "train_samples_per_second": samples * self.accelerator.num_processes / max(trained - clustered, 1e-9),
-            }
-            state.history.append(record)
-            state.train_seconds += trained - started
-            state.num_interests = k
+            k, loss = record["num_interests"], record["loss"]
             state.epoch = epoch + 1
             self.log(
                 "epoch %d: loss %.4f, K=%d, cluster %.1fs, train %.1fs (%.0f samples/s)",
