@@ -706,23 +706,42 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _gather_with_grad(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Concatenate `tensor` from every process along `dim`; gradients flow back to each owner."""
+def _gather_sizes(size: int, device: torch.device) -> list[int]:
+    """Every process's local batch size (the last batches of an epoch may differ between processes)."""
     _, world = _world()
     if world == 1:
+        return [size]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    torch.distributed.all_gather(sizes, torch.tensor([size], device=device))
+    return [int(s) for s in sizes]
+
+
+def _pad_to(tensor: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    missing = size - tensor.shape[dim]
+    if missing == 0:
+        return tensor.contiguous()
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim).contiguous()
+
+
+def _gather_with_grad(tensor: torch.Tensor, sizes: list[int], dim: int = 0) -> torch.Tensor:
+    """Concatenate `tensor` from every process along `dim`; gradients flow back to each owner."""
+    if len(sizes) == 1:
         return tensor
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(tensor.contiguous()), dim=dim)
+    pieces = all_gather(_pad_to(tensor, max(sizes), dim))
+    return torch.cat([piece.narrow(dim, 0, n) for piece, n in zip(pieces, sizes)], dim=dim)
 
 
-def _gather_no_grad(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    _, world = _world()
-    if world == 1:
+def _gather_no_grad(tensor: torch.Tensor, sizes: list[int], dim: int = 0) -> torch.Tensor:
+    if len(sizes) == 1:
         return tensor
-    pieces = [torch.empty_like(tensor) for _ in range(world)]
-    torch.distributed.all_gather(pieces, tensor.contiguous())
-    return torch.cat(pieces, dim=dim)
+    padded = _pad_to(tensor, max(sizes), dim)
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(pieces, padded)
+    return torch.cat([piece.narrow(dim, 0, n) for piece, n in zip(pieces, sizes)], dim=dim)
 
 
 class MissrecForPreTraining(MissrecPreTrainedModel):
@@ -789,14 +808,15 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
         )
         sequence = backbone.sequence_embedding
         batch = sequence.shape[0]
-        labels = torch.arange(batch, device=sequence.device) + rank * batch
+        sizes = _gather_sizes(batch, sequence.device)
+        labels = torch.arange(batch, device=sequence.device) + sum(sizes[:rank])
 
         tokens = F.normalize(self.missrec.adapt(target_features), dim=-1)  # [M, B, H]
         present = self._modality_mask(target_features, target_modality_mask)
-        candidates = ItemTokens(_gather_with_grad(tokens, dim=1), _gather_no_grad(present, dim=1), None, 0)
-        logits = self.fusion(sequence, candidates) / config.temperature  # [B, world x B]
+        candidates = ItemTokens(_gather_with_grad(tokens, sizes, 1), _gather_no_grad(present, sizes, 1), None, 0)
+        logits = self.fusion(sequence, candidates) / config.temperature  # [B, global batch]
         if config.mask_duplicate_targets and target_ids is not None:
-            all_targets = _gather_no_grad(target_ids)
+            all_targets = _gather_no_grad(target_ids, sizes)
             duplicate = all_targets.unsqueeze(0) == target_ids.unsqueeze(1)
             duplicate[torch.arange(batch, device=logits.device), labels] = False
             logits = logits.masked_fill(duplicate, float("-inf"))
@@ -811,12 +831,17 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
                 modality_mask=self._modality_mask(augmented_item_features, augmented_modality_mask),
                 attention_mask=augmented_attention_mask,
             )
-            all_augmented = _gather_with_grad(augmented.sequence_embedding)
+            all_augmented = _gather_with_grad(augmented.sequence_embedding, sizes)
             sequence_sequence_loss = F.cross_entropy(sequence @ all_augmented.T / config.temperature, labels)
             regularization = regularization + augmented.interest_regularization
-        # A batch-summed regulariser must count the global batch, as one process on the whole batch would
-        # (the process group averages gradients).
-        scale = world if config.interest_reg_reduction == "sum" else 1
+        # The process group averages gradients: weight each process's losses by its share of the global batch
+        # so that the step equals one process on the whole batch (also when the last batches differ in size).
+        share = len(sizes) * batch / sum(sizes)
+        sequence_item_loss = sequence_item_loss * share
+        if sequence_sequence_loss is not None:
+            sequence_sequence_loss = sequence_sequence_loss * share
+        # A batch-summed regulariser must count the global batch, as one process on the whole batch would.
+        scale = world if config.interest_reg_reduction == "sum" else share
         loss = sequence_item_loss + config.interest_reg_weight * scale * regularization
         if sequence_sequence_loss is not None:
             loss = loss + config.seq_seq_loss_weight * sequence_sequence_loss

@@ -58,14 +58,15 @@ def slice_batch(batch, start, end):
     }
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, first_share: int) -> None:
+    """Rank 0 takes the first `first_share` rows of the global batch, rank 1 the rest."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     model, batch = tiny_pretraining_setup()
     rank, world = accelerator.process_index, accelerator.num_processes
-    half = batch["input_ids"].shape[0] // world
-    local = slice_batch(batch, rank * half, (rank + 1) * half)
+    bounds = [0, first_share, batch["input_ids"].shape[0]]
+    local = slice_batch(batch, bounds[rank], bounds[rank + 1])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model, optimizer = accelerator.prepare(model, optimizer)
     output = model(**local)
@@ -78,4 +79,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]))

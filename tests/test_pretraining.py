@@ -134,7 +134,8 @@ def test_duplicate_targets_are_not_negatives():
     torch.testing.assert_close(masked, expected)
 
 
-def test_two_processes_take_the_same_step_as_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("first_share", [4, 5], ids=["even", "uneven"])
+def test_two_processes_take_the_same_step_as_one_process_on_the_global_batch(tmp_path, first_share):
     # A real two-rank gloo group in fresh processes (forking this already-threaded test process can deadlock).
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -151,6 +152,7 @@ def test_two_processes_take_the_same_step_as_one_process_on_the_global_batch(tmp
         str(port),
         str(Path(__file__).with_name("distributed_step.py")),
         str(tmp_path),
+        str(first_share),
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
