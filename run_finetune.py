@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from modeling_missrec.data import dataset_statistics, load_atomic_dataset, load_item_catalog
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     configure_logging(training_args.disable_tqdm)
     set_seed(training_args.seed)  # the model's initial weights follow the seed too
     data_dir = data_args.resolved_data_dir()
-    dataset = load_atomic_dataset(data_dir, data_args.dataset_name, data_args.cache_dir)
+    with PartialState().main_process_first():  # one process writes the parsed-data cache, the others read it
+        dataset = load_atomic_dataset(data_dir, data_args.dataset_name, data_args.cache_dir)
     catalog = load_item_catalog(data_dir, data_args.dataset_name, data_args.feature_files(), data_args.feature_sizes())
     model = build_model(model_args, catalog)
     trainer = MissrecTrainer(model, dataset, catalog, training_args)

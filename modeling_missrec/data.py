@@ -447,10 +447,13 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         groups = [order[i : i + mega] for i in range(0, n, mega)]
         order = np.concatenate([g[np.argsort(-self.lengths[g], kind="stable")] for g in groups])
         batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
+        partial = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
+        # Full batches in random order, the short one last: Accelerate shards batches round by round across
+        # processes and drops a round whose last batch is short, so a short batch in the middle loses data.
         for index in rng.permutation(len(batches)):
             yield batches[index].tolist()
+        if partial is not None and not self.drop_last:
+            yield partial.tolist()
 
 
 def catalog_to_json(catalog: ItemCatalog) -> str:

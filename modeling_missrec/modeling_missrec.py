@@ -340,7 +340,12 @@ class MissrecModel(MissrecPreTrainedModel):
         num_rows = len(item_features[self.modalities[0]])
         chunks = []
         for start in range(0, num_rows, chunk_rows):
-            piece = {m: _as_float_tensor(item_features[m][start : start + chunk_rows], device) for m in self.modalities}
+            piece = {
+                m: _as_float_tensor(item_features[m][start : start + chunk_rows], device).to(
+                    self.adaptors[m].weight.dtype
+                )
+                for m in self.modalities
+            }
             chunks.append(self.adapt(piece))
         return torch.cat(chunks, dim=1)
 
@@ -474,7 +479,10 @@ class MissrecFusionHead(nn.Module):
         self.mode = config.item_fusion
         self.id_score_weight = config.id_score_weight
         shape = (config.num_items + 1,) if self.mode == "dynamic_instance" else ()
-        self.fusion_factor = nn.Parameter(torch.full(shape, float(config.fusion_factor_init)))
+        # Static fusion never reads the factor: a trainable parameter without gradient breaks DDP.
+        self.fusion_factor = nn.Parameter(
+            torch.full(shape, float(config.fusion_factor_init)), requires_grad=self.mode != "static"
+        )
 
     def forward(self, sequence_embedding: torch.Tensor, items: ItemTokens) -> torch.Tensor:
         """Scores `[B, C]` of the B sequences against the C candidates in `items` (not yet / temperature)."""
@@ -527,6 +535,24 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         # Input validation costs a host-device sync per step; the trainer turns it off for data it validated.
         self.check_inputs = True
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but a pre-training checkpoint is refused: its catalogue is the
+        pre-training corpus, not a domain's. Build the domain model with `trainer.build_model` instead."""
+        config = kwargs.get("config")
+        if config is None:
+            try:
+                config = MissrecConfig.from_pretrained(pretrained_model_name_or_path)
+            except OSError:
+                config = None
+        if config is not None and "MissrecForPreTraining" in (config.architectures or []):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a MissrecForPreTraining checkpoint (its catalogue is the "
+                "pre-training corpus). Transfer it to a domain with run_finetune.py --model_name_or_path, or "
+                "modeling_missrec.trainer.build_model(ModelArguments(model_name_or_path=...), catalog)."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------- catalogue
     def feature_buffer_names(self) -> list[str]:
@@ -664,7 +690,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits, labels)
-            loss = loss + self.config.interest_reg_weight * backbone.interest_regularization
+            loss = loss + self.config.interest_reg_weight * _regularizer_scale(self) * backbone.interest_regularization
         if not return_dict:
             output = (logits, backbone.sequence_embedding, backbone.interest_regularization)
             return (loss, *output) if loss is not None else output
@@ -697,6 +723,17 @@ class MissrecPreTrainingOutput(ModelOutput):
     sequence_sequence_loss: torch.FloatTensor | None = None
     interest_regularization: torch.FloatTensor | None = None
     sequence_embedding: torch.FloatTensor | None = None
+
+
+def _regularizer_scale(model: nn.Module) -> float:
+    """Factor that keeps a batch-*summed* regulariser equal to one process on the whole optimiser batch:
+    process groups average gradients over processes and Accelerate divides the loss by the accumulation
+    steps, which would shrink gamma by both. The trainer sets `summed_loss_scale`; by default it is the
+    number of processes. A mean-reduced regulariser needs no factor."""
+    if model.config.interest_reg_reduction != "sum":
+        return 1.0
+    scale = getattr(model, "summed_loss_scale", None)
+    return float(scale) if scale is not None else float(_world()[1])
 
 
 def _world() -> tuple[int, int]:
@@ -841,7 +878,7 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
         if sequence_sequence_loss is not None:
             sequence_sequence_loss = sequence_sequence_loss * share
         # A batch-summed regulariser must count the global batch, as one process on the whole batch would.
-        scale = world if config.interest_reg_reduction == "sum" else share
+        scale = _regularizer_scale(self) if config.interest_reg_reduction == "sum" else share
         loss = sequence_item_loss + config.interest_reg_weight * scale * regularization
         if sequence_sequence_loss is not None:
             loss = loss + config.seq_seq_loss_weight * sequence_sequence_loss

@@ -180,12 +180,14 @@ class MissrecRecommender:
         tokenizer = model.missrec.interest_tokenizer
         new_interests = torch.zeros(len(config.modalities), count, dtype=torch.long, device=device)
         if config.num_interests > 0:
-            tokens = model.missrec.adapt(new).float()  # [M, n, H]
+            weight_dtype = next(model.missrec.adaptors.parameters()).dtype
+            tokens = model.missrec.adapt({m: t.to(weight_dtype) for m, t in new.items()}).float()  # [M, n, H]
             for index in range(len(config.modalities)):
                 nearest = assign_to_centroids(tokens[index], tokenizer.centroids[1:].float()) + 1
                 new_interests[index] = torch.where(present[index], nearest, torch.zeros_like(nearest))
         for m in config.modalities:
-            setattr(model, f"{m}_features", torch.cat([getattr(model, f"{m}_features"), new[m]]))
+            buffer = getattr(model, f"{m}_features")
+            setattr(model, f"{m}_features", torch.cat([buffer, new[m].to(buffer.dtype)]))
         model.item_modality_present = torch.cat([model.item_modality_present, present], dim=1)
         tokenizer.item_interest_ids = torch.cat([tokenizer.item_interest_ids, new_interests], dim=1)
         first = config.num_items + 1

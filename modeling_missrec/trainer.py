@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -91,6 +91,12 @@ class TrainingArguments:
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hub at the end."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. 'user/missrec-office'."})
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+
+    def __post_init__(self):
+        self.metric_for_best_model = self.metric_for_best_model.lower()
+        allowed = [f"{name}@{k}" for k in self.eval_ks for name in ("hr", "recall", "ndcg")] + ["mrr"]
+        if self.metric_for_best_model not in allowed:
+            raise ValueError(f"metric_for_best_model={self.metric_for_best_model!r} is invalid; allowed: {allowed}")
 
 
 FINETUNE_METHODS = ("full", "frozen", "lora")
@@ -246,7 +252,7 @@ def build_model(model_args: ModelArguments, catalog: ItemCatalog) -> MissrecForS
         source = MissrecConfig.from_pretrained(model_args.model_name_or_path)
         config = MissrecConfig(**{**source.to_diff_dict(), **settings, "num_interests": 0})
         model = MissrecForSequentialRecommendation(config)
-        _load_matching_weights(model, model_args.model_name_or_path)
+        _load_matching_weights(model, model_args.model_name_or_path, catalog.raw_item_ids)
     model.load_item_features(catalog.features, catalog.present)
     if model_args.finetune_method == "frozen":
         model.freeze_backbone_for_transfer()
@@ -272,21 +278,54 @@ def wrap_with_lora(model: MissrecForSequentialRecommendation, model_args: ModelA
     return get_peft_model(model, config)
 
 
-def _load_matching_weights(model: MissrecForSequentialRecommendation, directory: str) -> None:
+CATALOGUE_SPECIFIC = ("_features", "item_modality_present", "interest_tokenizer.")
+BACKBONE_CORE = ("missrec.position_embeddings.", "missrec.encoder.", "missrec.decoder.", "missrec.input_layer_norm.")
+
+
+def _load_matching_weights(model, directory: str, raw_item_ids: list[str] | None = None) -> None:
+    """Load what transfers from a saved MISSRec (recommender, pre-training model or bare backbone).
+
+    The transformer, position table and input LayerNorm must all match (else the "frozen" recipe would freeze
+    random weights): a mismatch is an error. Adaptors of another feature width start fresh. The ID table is
+    kept only when the saved model's `item_ids.json` lists this very catalogue."""
     from safetensors.torch import load_file
 
-    saved = load_file(str(Path(directory) / "model.safetensors"))
+    path = Path(directory) / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"model_name_or_path: {path} not found (a local save_pretrained folder is needed)")
+    saved = load_file(str(path))
+    if not any(name.startswith("missrec.") for name in saved):  # a bare MissrecModel
+        saved = {f"missrec.{name}": tensor for name, tensor in saved.items()}
     own = model.state_dict()
-    catalogue_specific = ("_features", "item_modality_present", "interest_tokenizer.")
-    kept, rebuilt = {}, []
+    ids_file = Path(directory) / "item_ids.json"
+    same_catalogue = (
+        raw_item_ids is not None
+        and ids_file.exists()
+        and json.loads(ids_file.read_text()).get("raw_item_ids") == list(raw_item_ids)
+    )
+    kept, mismatched = {}, []
     for name, tensor in saved.items():
-        if name in own and own[name].shape == tensor.shape and not any(t in name for t in catalogue_specific):
+        if name not in own or any(t in name for t in CATALOGUE_SPECIFIC):
+            continue
+        if name.startswith("missrec.item_embeddings.") and not same_catalogue:
+            continue
+        if own[name].shape == tensor.shape:
             kept[name] = tensor
-        elif name in own:
-            rebuilt.append(name)
+        else:
+            mismatched.append(f"{name}: saved {tuple(tensor.shape)}, here {tuple(own[name].shape)}")
+    core_missing = [n for n in own if n.startswith(BACKBONE_CORE) and n not in kept]
+    if core_missing:
+        detail = "; ".join(mismatched[:5]) or f"missing {core_missing[:5]}"
+        raise ValueError(
+            f"{directory}: the transformer does not match this configuration ({detail}). Use the saved model's "
+            "hidden_size, layers, heads, intermediate_size and max_seq_length."
+        )
     model.load_state_dict(kept, strict=False)
-    fresh = sorted(set(own) - set(kept) - {n for n in own if any(t in n for t in catalogue_specific)})
-    logger.info("loaded %d tensors from %s; initialised for this catalogue: %s", len(kept), directory, fresh or "none")
+    fresh = sorted(set(own) - set(kept) - {n for n in own if any(t in n for t in CATALOGUE_SPECIFIC)})
+    unexpected = sorted(set(saved) - set(own))
+    logger.info("loaded %d tensors from %s; new for this catalogue: %s", len(kept), directory, fresh or "none")
+    if mismatched or unexpected:
+        logger.warning("not loaded from %s: %s", directory, mismatched + [f"{n} (no such tensor)" for n in unexpected])
 
 
 @dataclass
@@ -327,8 +366,15 @@ def refresh_interests(accelerator: Accelerator, model, seed: int, refresh=None) 
     if accelerator.num_processes == 1:
         return refresh(model, seed)
     tokenizer = model.missrec.interest_tokenizer
-    k = [refresh(model, seed) if accelerator.is_main_process else 0]
+    k: list = [0]
+    if accelerator.is_main_process:
+        try:
+            k = [refresh(model, seed)]
+        except Exception as error:  # the other processes must not wait forever for a result
+            k = [f"{type(error).__name__}: {error}"]
     broadcast_object_list(k)
+    if isinstance(k[0], str):
+        raise RuntimeError(f"interest refresh failed on the main process: {k[0]}")
     if not accelerator.is_main_process:
         tokenizer.centroids = torch.zeros(k[0] + 1, model.config.hidden_size, device=tokenizer.centroids.device)
         model.config.num_interests = k[0]
@@ -403,11 +449,14 @@ def _make_accelerator(args: TrainingArguments) -> Accelerator:
         except ImportError:
             if args.report_to == "tensorboard":
                 raise
+    # Buffers (catalogue features, interest state) are identical on every process and the interest refresh
+    # broadcasts its result: re-broadcasting them at every forward would move ~100 MB per step on Office.
     return Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=log_with,
         project_dir=args.output_dir,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
 
 
@@ -461,6 +510,9 @@ class _AcceleratedLoop:
         self.per_device_batch_size = args.train_batch_size // (world * args.gradient_accumulation_steps)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+        base = model.get_base_model() if _is_peft(model) else model
+        # A batch-summed regulariser counts the whole optimiser batch (all processes, all micro-batches).
+        base.summed_loss_scale = world * args.gradient_accumulation_steps
 
     @property
     def unwrapped(self):
@@ -657,6 +709,8 @@ class MissrecTrainer(_AcceleratedLoop):
             args.early_stopping_patience,
         )
         for epoch in range(state.epoch, args.num_train_epochs):
+            if state.epochs_without_improvement > args.early_stopping_patience:
+                break  # a resumed run that had already stopped early
             record = self.cluster_and_train(epoch)
             trained = time.perf_counter()
             standard, shifted, _ = self._evaluate(self.valid_loader, "valid")
@@ -740,7 +794,13 @@ class PretrainingArguments:
         default=0.2, metadata={"help": "Word drop: share of positions whose text is the word-dropped version."}
     )
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches per optimiser step. The in-batch negatives are those of one micro-batch "
+            "(over all processes), so accumulation shrinks them: prefer more processes or memory."
+        },
+    )
     group_by_length: bool = field(default=True, metadata={"help": "Batch similar history lengths together."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers (feature gathering)."})
     resume_from_checkpoint: str | None = field(

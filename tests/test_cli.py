@@ -109,3 +109,9 @@ def test_pretrain_end_to_end_on_the_embedded_data(tmp_path):
     summary = run_pretrain.main(argv)
     assert summary["epochs_run"] == 1 and summary["num_processes"] == 1
     assert (tmp_path / "pre" / "checkpoint-epoch-1" / "model.safetensors").exists()
+
+
+def test_an_unknown_early_stopping_metric_fails_before_training():
+    with pytest.raises(ValueError, match="metric_for_best_model='ndcg@20' is invalid"):
+        TrainingArguments(metric_for_best_model="NDCG@20")
+    assert TrainingArguments(metric_for_best_model="NDCG@50").metric_for_best_model == "ndcg@50"

@@ -638,3 +638,17 @@ def test_scientific_full_catalog(scientific_full):
     assert int(zero_rows.sum()) == 2800
     np.testing.assert_array_equal(catalog.present["image"], ~zero_rows)
     assert int(catalog.present["image"].sum()) == 4385 - 2800
+
+
+def test_the_short_batch_comes_last_so_sharding_over_processes_loses_nothing():
+    lengths = np.random.default_rng(0).integers(1, 30, size=1000)
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=64, seed=3, group_factor=4)
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert [len(b) for b in batches[:-1]] == [64] * 15 and len(batches[-1]) == 1000 - 15 * 64
+        # Accelerate's round-by-round sharding over 2 processes keeps every row when the short batch is last
+        seen = [
+            i for round_start in range(0, len(batches), 2) for b in batches[round_start : round_start + 2] for i in b
+        ]
+        assert sorted(seen) == list(range(1000))

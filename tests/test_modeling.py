@@ -366,3 +366,20 @@ print("remote-code-ok")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and "remote-code-ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_static_fusion_has_no_trainable_factor_so_every_trainable_parameter_gets_a_gradient():
+    model = tiny_model(item_fusion="static", hidden_dropout_prob=0.0, attention_dropout_prob=0.0)
+    assert not model.fusion.fusion_factor.requires_grad
+    model(histories(), labels=torch.tensor([4, 8, 15, 16])).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_summed_regulariser_counts_the_whole_optimiser_batch():
+    model = tiny_model().eval()
+    labels = torch.tensor([4, 8, 15, 16])
+    base = model(histories(), labels=labels)
+    model.summed_loss_scale = 4  # e.g. two processes x two accumulation steps
+    scaled = model(histories(), labels=labels)
+    expected = base.loss + 3 * model.config.interest_reg_weight * base.interest_regularization
+    torch.testing.assert_close(scaled.loss, expected)

@@ -269,3 +269,20 @@ def test_lora_transfer_saves_an_adapter_and_a_merged_model(corpus, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=history).logits, merged(history).logits, rtol=1e-4, atol=1e-4)
     assert json.loads((out / "metrics.json").read_text())["trainable_parameters"] < 3 * 16 * 19 + 10_000
+
+
+def test_a_pretraining_checkpoint_is_not_loaded_as_a_recommender(corpus, tmp_path):
+    pretrain(corpus, tmp_path / "pre", epochs=1)
+    with pytest.raises(ValueError, match="MissrecForPreTraining checkpoint"):
+        MissrecForSequentialRecommendation.from_pretrained(tmp_path / "pre")
+
+
+def test_transfer_refuses_a_transformer_of_another_shape(corpus, tmp_path):
+    pretrain(corpus, tmp_path / "pre", epochs=1)
+    folder = write_domain(tmp_path / "C", "C", 18, 40, seed=9)
+    catalog = load_item_catalog(folder, feature_files={m: f.format(name="C") for m, f in FILES.items()})
+    arguments = ModelArguments(
+        model_name_or_path=str(tmp_path / "pre"), finetune_method="frozen", config_overrides="intermediate_size=48"
+    )
+    with pytest.raises(ValueError, match="transformer does not match"):
+        build_model(arguments, catalog)
