@@ -14,7 +14,7 @@ from transformers import PreTrainedConfig
 KNOWN_MODALITIES = ("text", "image")
 ITEM_FUSION_MODES = ("dynamic_shared", "dynamic_instance", "static")
 SEQUENCE_FUSION_MODES = ("add",)
-KMEANS_INITS = ("k-means++", "random")
+KMEANS_INITS = ("k-means++", "batched-k-means++", "random")
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "silu")
 REGULARIZER_REDUCTIONS = ("sum", "mean")
 REGULARIZER_POOLINGS = ("mean", "original")

@@ -36,7 +36,10 @@ __all__ = [
     "reference_kmeans",
 ]
 
-_INITS = ("k-means++", "random")
+_INITS = ("k-means++", "batched-k-means++", "random")
+# Rounds of the batched seeding: K / rounds seeds are drawn per round, so the work is one Lloyd pass in
+# `rounds` compute-bound GEMMs instead of K memory-bound matrix-vector products.
+_DEFAULT_BATCHED_INIT_ROUNDS = 16
 _DEFAULT_CHUNK_ELEMENTS = 2**24
 # k-means++ is sequential in K and each step reads the whole (sub)sample once (a memory-bound matrix-vector
 # product), so it costs K * m * d reads for a sample of m rows. Capping m at about 32 points per cluster keeps
@@ -198,6 +201,43 @@ def _kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Generator) 
     return chosen
 
 
+def _batched_kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Generator, chunk_elements: int) -> Tensor:
+    """Indices of seeds drawn in rounds: each round takes ~K / rounds distinct points with probability
+    proportional to the squared distance to the seeds so far (as k-means|| does, without its reduction step).
+
+    One round updates the running minimum distance with a chunked ``[rows, B]`` GEMM, so seeding costs about
+    one Lloyd pass instead of K sequential passes over the sample; the first round is uniform. Seeds within a
+    round do not repel each other, so the start is slightly worse than k-means++ and Lloyd corrects it.
+    """
+    m = x.shape[0]
+    rounds = min(_DEFAULT_BATCHED_INIT_ROUNDS, num_clusters)
+    per_round = math.ceil(num_clusters / rounds)
+    x_sq = torch.einsum("ij,ij->i", x, x)
+    min_sq = torch.full((m,), math.inf, dtype=x.dtype, device=x.device)
+    chosen: list[Tensor] = []
+    taken = 0
+    while taken < num_clusters:
+        weights = torch.ones_like(min_sq) if not chosen else min_sq  # the first round is uniform
+        available = int(torch.count_nonzero(weights))  # one host sync per round, not per seed
+        size = min(per_round, num_clusters - taken)
+        if available >= size:
+            picked = torch.multinomial(weights, size, replacement=False, generator=generator)
+        else:  # fewer distinct points than clusters: fill with unchosen rows (duplicates of chosen points)
+            free = torch.ones(m, dtype=torch.bool, device=x.device)
+            free[torch.cat(chosen)] = False
+            picked = torch.nonzero(free).squeeze(1)[:size]
+        chosen.append(picked)
+        taken += size
+        centres = x.index_select(0, picked)
+        centre_sq = centres.pow(2).sum(dim=1)
+        for start, stop in _row_chunks(m, size, chunk_elements):
+            dist = torch.addmm(centre_sq, x[start:stop], centres.T, beta=1.0, alpha=-2.0)
+            dist = dist.min(dim=1).values.add_(x_sq[start:stop]).clamp_min_(0.0)
+            torch.minimum(min_sq[start:stop], dist, out=min_sq[start:stop])
+        min_sq.index_fill_(0, picked, 0.0)
+    return torch.cat(chosen)
+
+
 def kmeans_init(
     x: Tensor,
     num_clusters: int,
@@ -209,7 +249,9 @@ def kmeans_init(
     """Initial centroids ``[K, d]`` chosen among the rows of ``x``, deterministic for ``seed`` on a device.
 
     ``init="k-means++"`` draws seeds with probability proportional to the squared distance to the nearest
-    seed so far; ``init="random"`` takes K distinct random rows. k-means++ is sequential in K and each step
+    seed so far; ``init="batched-k-means++"`` draws them the same way in 16 rounds of K / 16 seeds (about the
+    cost of one Lloyd pass: the choice for a cold start on a million tokens); ``init="random"`` takes K
+    distinct random rows. k-means++ is sequential in K and each step
     reads the whole sample, so it runs on a seeded random subsample of ``init_sample_size`` rows; the default
     ``min(n, 32 * K)`` keeps dozens of candidates per cluster. Its cost is K memory-bound passes over that
     sample, which usually exceeds one (compute-bound) Lloyd pass, so when re-clustering every epoch prefer
@@ -255,7 +297,10 @@ def _kmeans_init(x: Tensor, num_clusters: int, *, init: str, seed: int, init_sam
             sample = x.index_select(0, subset).to(dtype)
         else:
             sample = x.to(dtype)
-        chosen = _kmeans_plus_plus(sample, num_clusters, generator)
+        if init == "batched-k-means++":
+            chosen = _batched_kmeans_plus_plus(sample, num_clusters, generator, _DEFAULT_CHUNK_ELEMENTS)
+        else:
+            chosen = _kmeans_plus_plus(sample, num_clusters, generator)
         return sample.index_select(0, chosen)
 
 
@@ -321,7 +366,8 @@ def kmeans(
             cluster.
         max_iterations: maximum number of Lloyd updates (>= 0).
         tolerance: stop once the relative decrease of inertia after an update is at most ``tolerance``.
-        init: ``"k-means++"`` or ``"random"``, see :func:`kmeans_init`. Ignored with ``initial_centroids``.
+        init: ``"k-means++"``, ``"batched-k-means++"`` or ``"random"``, see :func:`kmeans_init`. Ignored with
+            ``initial_centroids``.
         seed: seed of the local generator used by the initialisation.
         chunk_elements: upper bound on the floats held by one chunk's ``[rows, K]`` distance block, so memory
             stays bounded (1M points x 20k centroids uses ~64 MiB of scratch at the default).

@@ -146,7 +146,7 @@ def test_interest_sets_rejects_bad_inputs() -> None:
     k_fraction=st.floats(0.0, 1.0),
     max_iterations=st.integers(0, 8),
     tolerance=st.sampled_from([0.0, 1e-4, 1e-2]),
-    init=st.sampled_from(["k-means++", "random"]),
+    init=st.sampled_from(["k-means++", "batched-k-means++", "random"]),
     far_centroids=st.integers(0, 2),
 )
 def test_kmeans_matches_reference(
@@ -217,10 +217,11 @@ def test_assign_to_centroids_matches_brute_force() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("init", ["k-means++", "batched-k-means++"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_kmeans_recovers_planted_clusters(seed: int) -> None:
+def test_kmeans_recovers_planted_clusters(seed: int, init: str) -> None:
     x, truth = _blobs(8, 40, 16, seed=seed)
-    result = kmeans(x, 8, seed=seed, init="k-means++")
+    result = kmeans(x, 8, seed=seed, init=init)
     assert isinstance(result, KMeansResult)
     assert result.centroids.shape == (8, 16) and result.centroids.dtype == torch.float32
     assert result.labels.shape == (320,) and result.labels.dtype == torch.long
@@ -258,7 +259,7 @@ def test_kmeans_inertia_does_not_increase_with_iterations() -> None:
     assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(inertias))
 
 
-@pytest.mark.parametrize("init", ["k-means++", "random"])
+@pytest.mark.parametrize("init", ["k-means++", "batched-k-means++", "random"])
 def test_kmeans_is_deterministic_and_leaves_global_rng_alone(init: str) -> None:
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2000, 8, generator=g)
@@ -276,12 +277,28 @@ def test_kmeans_is_deterministic_and_leaves_global_rng_alone(init: str) -> None:
 def test_kmeans_plus_plus_picks_distinct_points() -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(50, 3, generator=g)
-    for seed in range(5):
-        seeds = kmeans_init(x, 50, init="k-means++", seed=seed)
+    rows = {tuple(r) for r in x.tolist()}
+    for seed, init in itertools.product(range(5), ["k-means++", "batched-k-means++"]):
+        seeds = kmeans_init(x, 50, init=init, seed=seed)
         assert torch.unique(seeds, dim=0).shape[0] == 50  # every point exactly once when K == n
-        rows = {tuple(r) for r in x.tolist()}
         assert all(tuple(r) in rows for r in seeds.tolist())
     assert kmeans_init(x, 50, init="random", seed=0).unique(dim=0).shape[0] == 50
+
+
+def test_batched_seeding_with_fewer_distinct_points_than_clusters() -> None:
+    x = torch.tensor([[0.0, 0.0]] * 6 + [[1.0, 1.0]] * 6)
+    seeds = kmeans_init(x, 10, init="batched-k-means++", seed=0)
+    assert seeds.shape == (10, 2)
+    assert torch.unique(seeds, dim=0).shape[0] == 2  # both distinct points are among the seeds
+
+
+def test_batched_seeding_spreads_over_clusters() -> None:
+    # D^2 sampling after the uniform first round: 40 seeds over 40 tight, far-apart blobs leave few blobs
+    # without a seed, far fewer than uniform sampling would (about 40/e ~ 15 of them).
+    x, truth = _blobs(40, 25, 8, seed=3)
+    seeds = kmeans_init(x, 40, init="batched-k-means++", seed=0)
+    hit = torch.unique(truth[assign_to_centroids(seeds, x)]).numel()
+    assert hit >= 34
 
 
 def test_empty_clusters_are_reseeded_with_farthest_points() -> None:
