@@ -121,6 +121,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "shared CPU: oversubscribed threads make every op wait at thread barriers.",
     )
     parser.add_argument(
+        "--print_json",
+        action="store_true",
+        help="Print the last run's record, per-epoch history and split sizes as one JSON line at the end.",
+    )
+    parser.add_argument(
         "--work_dir",
         type=Path,
         default=BENCH_DIR / "scratch",
@@ -142,8 +147,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------------- runs
-def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict]:
-    """Train and test one (dataset, mode); returns its record and the run's own settings and timings."""
+def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, dict]:
+    """Train and test one (dataset, mode); returns its record, the run's own settings and timings, and the
+    per-epoch history with the split sizes (what `bench/peers.py` reads through `--print_json`)."""
     spec = DATASETS[name]
     data_dir = data_root / spec["folder"]
     if not data_dir.is_dir():
@@ -220,7 +226,15 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict]:
         "peak_rss_mib_of_process": peak_rss_mib(),
         "run_dir": str(run_dir),
     }
-    return record, run_info
+    details = {
+        "history": history,
+        "train_rows": len(dataset["train"]),
+        "valid_users": len(dataset["valid"]),
+        "trainable_parameters": metrics["trainable_parameters"],
+        "peak_rss_mib": peak_rss_mib(),
+        "wall_seconds": wall,
+    }
+    return record, run_info, details
 
 
 # ----------------------------------------------------------------------------------------------------- output
@@ -351,7 +365,7 @@ def main(argv=None) -> dict:
     for name in args.datasets:
         for mode in args.modes:
             logger.info("=== %s / %s ===", name, mode)
-            record, run_info = run_one(name, mode, args, data_root)
+            record, run_info, details = run_one(name, mode, args, data_root)
             # Re-read before merging so that a run finished meanwhile by another invocation is kept.
             results = merge(load_existing(json_path), record, run_info, run_header())
             write_json_atomically(json_path, results)
@@ -360,6 +374,8 @@ def main(argv=None) -> dict:
     print()
     print_table(results)
     print(f"\nwritten: {json_path} and {json_path.with_suffix('.md')}")
+    if args.print_json:  # the last line: the last run's record and history, for bench/peers.py
+        print(json.dumps({"record": record, **details}))
     return results
 
 

@@ -141,6 +141,21 @@ def synthetic_features(num_items: int, seed: int) -> dict[str, np.ndarray]:
     return {m: rng.standard_normal((num_items, FEATURE_SIZE), dtype=np.float32) for m in ("text", "image")}
 
 
+def random_interest_state(model, seed: int) -> int:
+    """Random centroids and interest ids, K = min(ceil(ratio x tokens), 20,000): a training step costs the same
+    whatever the clusters are, and k-means over 2 x 1M tokens is timed on its own. Returns K."""
+    from modeling_missrec.interests import num_interests
+
+    config = model.config
+    k = min(num_interests(len(config.modalities) * config.num_items, config.interest_ratio), MAX_INTERESTS)
+    generator = torch.Generator().manual_seed(seed)
+    interest_ids = torch.randint(1, k + 1, (len(config.modalities), config.num_items + 1), generator=generator)
+    interest_ids[:, 0] = 0
+    model.missrec.interest_tokenizer.set_state(torch.randn(k, config.hidden_size, generator=generator), interest_ids)
+    config.num_interests = k
+    return k
+
+
 # ------------------------------------------------------------------------------------------------ memory
 class ResidentMemorySampler:
     """Peak resident memory of this process above its level at start, sampled every 2 ms in a thread
@@ -183,7 +198,6 @@ def synchronize(device: str) -> None:
 def run_train_eval_case(case: dict) -> dict:
     from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
     from modeling_missrec.data import ItemCatalog
-    from modeling_missrec.interests import num_interests
     from modeling_missrec.trainer import MissrecTrainer, TrainingArguments, build_loader
 
     device, n = case["device"], case["num_items"]
@@ -199,12 +213,7 @@ def run_train_eval_case(case: dict) -> dict:
     model = MissrecForSequentialRecommendation(config)
     model.load_item_features(catalog.features, catalog.present)
     del features, catalog
-    k = min(num_interests(2 * n, config.interest_ratio), MAX_INTERESTS)
-    generator = torch.Generator().manual_seed(case["seed"])
-    interest_ids = torch.randint(1, k + 1, (2, n + 1), generator=generator)
-    interest_ids[:, 0] = 0
-    model.missrec.interest_tokenizer.set_state(torch.randn(k, config.hidden_size, generator=generator), interest_ids)
-    config.num_interests = k
+    k = random_interest_state(model, case["seed"])
     prepared = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as output_dir:

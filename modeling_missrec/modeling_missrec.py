@@ -504,15 +504,20 @@ class MissrecFusionHead(nn.Module):
     def _combine(
         self, cosines: torch.Tensor, present: torch.Tensor, factor: torch.Tensor, id_scores: torch.Tensor | None
     ) -> torch.Tensor:
-        present = present.to(cosines.dtype)
+        present = present.bool()
         if self.mode == "static":
-            fused = (cosines * present).sum(0) / present.sum(0).clamp_min(1.0)
+            weights = present.to(cosines.dtype)
+            fused = (cosines * weights).sum(0) / weights.sum(0).clamp_min(1.0)
         else:
-            logits = torch.where(present.bool(), factor * cosines, torch.full_like(cosines, _MASKED_LOGIT))
-            fused = (torch.softmax(logits, dim=0) * present * cosines).sum(0)
+            # An additive bias on the small [M, 1, C] mask instead of a where() over [M, B, C]: an absent
+            # modality's weight underflows to exactly 0 (exp(-1e4)), so only candidates with no modality at
+            # all need the final mask. Fewer passes over the largest tensors of the step.
+            bias = torch.where(present, 0.0, _MASKED_LOGIT).to(cosines.dtype)
+            weights = torch.softmax(factor * cosines + bias, dim=0)
+            fused = (weights * cosines).sum(0) * present.any(0).to(cosines.dtype)
         if id_scores is None:
             return fused
-        return self.id_score_weight * id_scores + (1.0 - self.id_score_weight) * fused
+        return torch.lerp(fused, id_scores.to(fused.dtype), self.id_score_weight)
 
 
 class MissrecForSequentialRecommendation(MissrecPreTrainedModel):

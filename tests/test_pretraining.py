@@ -231,7 +231,7 @@ def test_frozen_transfer_keeps_the_pretrained_backbone(corpus, tmp_path):
     model, trainer = finetune_on_new_domain(tmp_path, tmp_path / "pre", "frozen")
     hidden = model.config.hidden_size
     # new text width 14: fresh text adaptor; image adaptor (width 10) transferred
-    assert torch.equal(model.missrec.adaptors["image"].weight, pretrained["missrec.adaptors.image.weight"])
+    assert torch.equal(model.missrec.adaptors["image"].weight.cpu(), pretrained["missrec.adaptors.image.weight"])
     assert model.missrec.adaptors["text"].in_features == 14
     expected = (14 + 1) * hidden + (10 + 1) * hidden + 2 * hidden + 1 + (18 + 1) * hidden
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected

@@ -107,7 +107,7 @@ def test_streaming_evaluation_equals_brute_force_ranking_of_the_logits(tmp_path)
     folder = write_planted_dataset(tmp_path / "data")
     trainer = make_trainer(folder, tmp_path / "out", num_train_epochs=1)
     trainer.train()
-    model = trainer.unwrapped.eval()
+    model = trainer.unwrapped.eval().cpu()  # the trainer put it on the accelerator
     dataset = HistoryDataset(load_atomic_dataset(folder, cache_dir=folder / "cache")["valid"], 50)
     batch = dataset.__getitems__(list(range(len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=17, collate_fn=identity_collate)
