@@ -18,8 +18,9 @@ Scenarios:
                 batch's own longest history, as in training;
   real_random   the same lengths in plain random batches (group_factor 1), so the gain of grouping shows.
 
-k-means: `modeling_missrec.interests.kmeans` with its defaults (k-means++ seeding on a subsample, at most 10
-Lloyd iterations, tolerance 1e-4) on Gaussian random points `[n, hidden]` with K = ceil(ratio x n); the time is
+k-means: `modeling_missrec.interests.kmeans` with each `--kmeans_init` seeding (on a subsample of 32 K points; at
+most 10 Lloyd iterations, tolerance 1e-4; k-means++ is skipped above 200k points on the CPU, where its K
+sequential passes take hours) on Gaussian random points `[n, hidden]` with K = ceil(ratio x n); the time is
 split into seeding / assignments / centroid updates by wrapping the module's internal functions (timings only,
 the computation is unchanged). Then one Lloyd iteration from the same seeds (`max_iterations=1` with
 `initial_centroids`: assignment, update, final assignment). Random points have no cluster structure, so the
@@ -82,6 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[100000, 1000000],
         help="Numbers of points (tokens) of the k-means timings; give none to skip k-means. "
         "1000000 (K = 20000) takes a long time on a small CPU.",
+    )
+    parser.add_argument(
+        "--kmeans_init",
+        nargs="+",
+        default=["k-means++", "batched-k-means++"],
+        choices=("k-means++", "batched-k-means++", "random"),
+        help="Seedings timed at every size (batched-k-means++ costs about one Lloyd pass: the one for 1M points).",
     )
     parser.add_argument(
         "--kmeans_ratio", type=float, default=0.02, help="K = ceil(ratio x points) (0.02 = the pre-training ratio)."
@@ -276,7 +284,7 @@ class KMeansProbe:
         }
 
 
-def time_kmeans(n: int, args, dim: int, device: torch.device) -> dict:
+def time_kmeans(n: int, args, dim: int, device: torch.device, init: str) -> dict:
     k = interests_module.num_interests(n, args.kmeans_ratio)
     generator = torch.Generator().manual_seed(args.seed)
     points = torch.randn(n, dim, generator=generator).to(device)
@@ -284,7 +292,7 @@ def time_kmeans(n: int, args, dim: int, device: torch.device) -> dict:
     with probe.installed():
         synchronize(device)
         started = time.perf_counter()
-        result = interests_module.kmeans(points, k, seed=args.seed)
+        result = interests_module.kmeans(points, k, seed=args.seed, init=init)
         synchronize(device)
         full_seconds = time.perf_counter() - started
         full = {"seconds": full_seconds, "num_iterations": result.num_iterations, **probe.summary()}
@@ -301,6 +309,7 @@ def time_kmeans(n: int, args, dim: int, device: torch.device) -> dict:
         "points": n,
         "dim": dim,
         "num_clusters": k,
+        "init": init,
         "init_sample_size": min(n, k * getattr(interests_module, "_DEFAULT_INIT_POINTS_PER_CLUSTER", 32)),
         "full": full,
         "one_lloyd_iteration": lloyd,
@@ -359,7 +368,7 @@ def render_markdown(result: dict) -> str:
         )
     if result["kmeans"]:
         lines += [
-            "## k-means (`interests.kmeans` defaults: k-means++ on a subsample, <= 10 Lloyd iterations)",
+            "## k-means (`interests.kmeans`: seeding on a subsample of 32 K points, <= 10 Lloyd iterations)",
             "",
             "Points are Gaussian random (no cluster structure). `full` is the default call; its time is split "
             "into seeding, assignments (nearest centroid for every point) and centroid updates. `1 Lloyd` = "
@@ -373,6 +382,7 @@ def render_markdown(result: dict) -> str:
                 [
                     f"{r['points']:,} x {r['dim']}",
                     f"{r['num_clusters']:,}",
+                    r.get("init", "k-means++"),
                     format_seconds(full["seconds"]),
                     str(full["num_iterations"]),
                     f"{format_seconds(full['init_seconds'])} (sample {r['init_sample_size']:,})",
@@ -388,9 +398,10 @@ def render_markdown(result: dict) -> str:
                 [
                     "points",
                     "K",
+                    "seeding",
                     "full",
                     "iterations",
-                    "k-means++ seeding",
+                    "seeding time",
                     "assignments (total / calls)",
                     "updates (total / calls)",
                     "1 Lloyd",
@@ -418,11 +429,14 @@ def print_summary(result: dict) -> None:
                 f"{r['padding_efficiency']:>6.2f}"
             )
     if result["kmeans"]:
-        print(f"{'points':>10}{'K':>8}{'full':>11}{'iters':>6}{'init':>11}{'assign':>11}{'1 Lloyd':>11}{'1 iter':>11}")
+        print(
+            f"{'points':>10}{'K':>8}{'seeding':>10}{'full':>11}{'iters':>6}{'seed s':>11}{'assign':>11}"
+            f"{'1 Lloyd':>11}{'1 iter':>11}"
+        )
         for r in result["kmeans"]:
             full = r["full"]
             print(
-                f"{r['points']:>10}{r['num_clusters']:>8}{format_seconds(full['seconds']):>11}"
+                f"{r['points']:>10}{r['num_clusters']:>8}{r['init'][:9]:>10}{format_seconds(full['seconds']):>11}"
                 f"{full['num_iterations']:>6}{format_seconds(full['init_seconds']):>11}"
                 f"{format_seconds(r['seconds_per_assignment']):>11}"
                 f"{format_seconds(r['one_lloyd_iteration']['seconds']):>11}"
@@ -469,8 +483,12 @@ def main(argv=None) -> dict:
     dim = args.kmeans_dim or model_info["hidden_size"]
     for n in args.kmeans_sizes:
         k = interests_module.num_interests(n, args.kmeans_ratio)
-        print(f"k-means: {n} points x {dim}, K={k} ...", flush=True)
-        result["kmeans"].append(time_kmeans(n, args, dim, device))
+        for init in args.kmeans_init:
+            if init == "k-means++" and n > 200_000 and device.type == "cpu":
+                print(f"k-means: {n} points: k-means++ seeding skipped on the CPU (K sequential passes)", flush=True)
+                continue
+            print(f"k-means: {n} points x {dim}, K={k}, {init} ...", flush=True)
+            result["kmeans"].append(time_kmeans(n, args, dim, device, init))
 
     result["peak_rss_mib"] = peak_rss_mib()
     if device.type == "cuda":
