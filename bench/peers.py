@@ -120,7 +120,7 @@ def run_missrec(dataset: str, mode: str, args, env: dict) -> dict:
         "dataset": dataset,
         "mode": mode,
         "test": {k: result["record"]["test"][k] for k in METRICS},
-        "best_epoch": result["record"]["best_epoch"],
+        "best_epoch": result["record"]["best_epoch"] + 1,  # the trainer counts from 0, RecBole from 1
         "epochs_run": result["record"]["epochs_run"],
         "seconds_per_epoch": result["record"]["seconds_per_epoch"],
         "cluster_seconds_per_epoch": sum(h["cluster_seconds"] for h in history) / max(len(history), 1),
@@ -175,7 +175,8 @@ def render(header: dict, records: list[dict], ratio_rows: list[dict]) -> str:
             "# missrec vs RecBole SASRec (same run, same machine, same threads)",
             "",
             header_markdown(header),
-            "Full ranking over all items, standard @K, history not excluded; early stopping on valid NDCG@10.",
+            "Full ranking over all items, standard @K, history not excluded; early stopping on valid NDCG@10; "
+            "epochs counted from 1.",
             "",
             markdown_table(headers, rows),
             "## missrec / SASRec",
