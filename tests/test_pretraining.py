@@ -257,11 +257,12 @@ def test_lora_transfer_saves_an_adapter_and_a_merged_model(corpus, tmp_path):
     merged = MissrecForSequentialRecommendation.from_pretrained(out).eval()
     assert not any("lora" in name for name in merged.state_dict())
     history = torch.tensor([[1, 2, 3], [4, 5, 0]])
-    live = trainer.unwrapped.eval()
+    live = trainer.unwrapped.eval().cpu()  # the trainer put it on the accelerator
     with torch.no_grad():
         torch.testing.assert_close(merged(history).logits, live(input_ids=history).logits, rtol=1e-4, atol=1e-4)
     # the adapter alone, on a freshly built base model, gives the same recommender
     base, _ = finetune_on_new_domain(tmp_path / "again", tmp_path / "pre", "full", text_width=12)
+    base.cpu()
     base.missrec.interest_tokenizer.set_state(
         merged.missrec.interest_tokenizer.centroids[1:], merged.missrec.interest_tokenizer.item_interest_ids
     )
