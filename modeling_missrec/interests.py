@@ -222,10 +222,12 @@ def _batched_kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Gen
         size = min(per_round, num_clusters - taken)
         if available >= size:
             picked = torch.multinomial(weights, size, replacement=False, generator=generator)
-        else:  # fewer distinct points than clusters: fill with unchosen rows (duplicates of chosen points)
+        else:  # fewer distinct points left than seeds: take every one of them, then unchosen duplicates
             free = torch.ones(m, dtype=torch.bool, device=x.device)
             free[torch.cat(chosen)] = False
-            picked = torch.nonzero(free).squeeze(1)[:size]
+            positive = torch.nonzero(weights > 0).squeeze(1)
+            free[positive] = False
+            picked = torch.cat([positive, torch.nonzero(free).squeeze(1)[: size - available]])
         chosen.append(picked)
         taken += size
         centres = x.index_select(0, picked)

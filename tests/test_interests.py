@@ -286,10 +286,13 @@ def test_kmeans_plus_plus_picks_distinct_points() -> None:
 
 
 def test_batched_seeding_with_fewer_distinct_points_than_clusters() -> None:
-    x = torch.tensor([[0.0, 0.0]] * 6 + [[1.0, 1.0]] * 6)
-    seeds = kmeans_init(x, 10, init="batched-k-means++", seed=0)
-    assert seeds.shape == (10, 2)
-    assert torch.unique(seeds, dim=0).shape[0] == 2  # both distinct points are among the seeds
+    # 3 distinct points, two of them in the last rows; 40 seeds are drawn 3 per round, so after the first
+    # round fewer distinct points are left than a round takes: every one of them must still become a seed.
+    x = torch.tensor([[0.0, 0.0]] * 58 + [[1.0, 1.0], [5.0, 5.0]])
+    for seed in range(5):
+        seeds = kmeans_init(x, 40, init="batched-k-means++", seed=seed)
+        assert seeds.shape == (40, 2)
+        assert torch.unique(seeds, dim=0).shape[0] == 3
 
 
 def test_batched_seeding_spreads_over_clusters() -> None:
