@@ -56,6 +56,8 @@ class MissrecConfig(PreTrainedConfig):
             clustered); stored so that a saved model rebuilds buffers of the right shape.
         kmeans_init (`str`, "k-means++"), kmeans_max_iterations (`int`, 10), kmeans_tolerance (`float`, 1e-4):
             the clustering. The original made one random-init Lloyd step (its error test was always 0).
+            "batched-k-means++" draws the seeds in 16 rounds (about one Lloyd pass: for a cold start on
+            millions of tokens); "random" takes random tokens.
         kmeans_warm_start (`bool`, True): start each refresh from the previous centroids when K is unchanged
             (k-means++ seeding is sequential in K and dominates the cost of a per-epoch refresh).
         interest_reg_weight (`float`, 1e-4): gamma, weight of the interest regulariser.
