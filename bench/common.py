@@ -78,6 +78,12 @@ def run_header(device: str = "cpu") -> dict:
     return {"command": command_line(), "date": utc_now(), "cwd": os.getcwd(), "machine": machine_info(device)}
 
 
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock timer measures it (no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

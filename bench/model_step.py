@@ -47,6 +47,7 @@ from common import (
     markdown_table,
     peak_rss_mib,
     run_header,
+    synchronize,
     write_json_atomically,
     write_text_atomically,
 )
@@ -125,11 +126,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available")
     return args
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------- training step

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DEFAULT_RESULTS_DIR, HelpFormatter, header_markdown, run_header, write_text_atomically
+from common import (
+    DEFAULT_RESULTS_DIR,
+    HelpFormatter,
+    header_markdown,
+    run_header,
+    synchronize,
+    write_text_atomically,
+)
 from scale import FEATURE_SIZE, random_interest_state, synthetic_features, synthetic_log, take_rows
 from torch.profiler import ProfilerActivity, profile
 
@@ -88,11 +95,6 @@ def summarise(prof, steps: int, wall: float, top: int, device: str) -> str:
             "```",
         ]
     )
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main(argv=None) -> str:

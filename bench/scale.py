@@ -50,6 +50,7 @@ from common import (
     markdown_table,
     peak_rss_mib,
     run_header,
+    synchronize,
     write_json_atomically,
     write_text_atomically,
 )
@@ -189,11 +190,6 @@ class ResidentMemorySampler:
         return (self.peak - self.baseline) / 2**20
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 # ------------------------------------------------------------------------------------------------- cases
 def run_train_eval_case(case: dict) -> dict:
     from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
@@ -281,30 +277,20 @@ def run_train_eval_case(case: dict) -> dict:
 
 
 def run_kmeans_case(case: dict) -> dict:
+    from model_step import KMeansProbe  # times the seeding inside `interests.kmeans`
+
     from modeling_missrec import interests
 
     device, n = case["device"], case["points"]
     k = interests.num_interests(n, 0.02)
     points = torch.randn(n, 300, generator=torch.Generator().manual_seed(case["seed"])).to(device)
-    timings = {"seed_seconds": 0.0}
-    original = interests._kmeans_init
-
-    def timed_init(*a, **kw):
-        start = time.perf_counter()
-        result = original(*a, **kw)
-        synchronize(device)
-        timings["seed_seconds"] += time.perf_counter() - start
-        return result
-
-    interests._kmeans_init = timed_init
-    try:
+    probe = KMeansProbe(torch.device(device))
+    with probe.installed():
         synchronize(device)
         start = time.perf_counter()
         result = interests.kmeans(points, k, init=case["init"], max_iterations=case["iterations"], seed=case["seed"])
         synchronize(device)
         total = time.perf_counter() - start
-    finally:
-        interests._kmeans_init = original
     return {
         "kind": "kmeans",
         "points": n,
@@ -313,8 +299,9 @@ def run_kmeans_case(case: dict) -> dict:
         "init": case["init"],
         "iterations": result.num_iterations,
         "seconds": total,
-        "seed_seconds": timings["seed_seconds"],
-        "lloyd_seconds_per_iteration": (total - timings["seed_seconds"]) / max(result.num_iterations + 1, 1),
+        "seed_seconds": probe.seconds["init"],
+        "lloyd_seconds_per_iteration": (total - probe.seconds["init"]) / (result.num_iterations + 1),
+        "seconds_per_assignment": probe.seconds["assign"] / max(probe.calls["assign"], 1),
         "inertia_per_point": result.inertia / n,
         "peak_rss_mib": peak_rss_mib(),
     }
@@ -337,7 +324,7 @@ def run_case_in_subprocess(case: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ report
 def render(header: dict, records: list[dict]) -> str:
     lines = ["# missrec at scale: synthetic Amazon-like catalogues", "", header_markdown(header), ""]
-    train = [r for r in records if r.get("kind") == "train_eval" or "num_items" in r]
+    train = [r for r in records if r["kind"] == "train_eval"]
     if train:
         rows = [
             [
@@ -369,7 +356,7 @@ def render(header: dict, records: list[dict]) -> str:
             "train peak GPU MiB",
         ]
         lines += ["## Training and full-ranking evaluation", "", markdown_table(headers, rows)]
-    kmeans = [r for r in records if r.get("kind") == "kmeans" or "points" in r]
+    kmeans = [r for r in records if r["kind"] == "kmeans"]
     if kmeans:
         rows = [
             [
@@ -393,7 +380,7 @@ def render(header: dict, records: list[dict]) -> str:
             "iterations",
             "total s",
             "seeding s",
-            "s per assignment",
+            "s per Lloyd iteration",
             "inertia/point",
         ]
         lines += ["## k-means (300-d random points, K = ceil(0.02 n))", "", markdown_table(headers, rows)]
