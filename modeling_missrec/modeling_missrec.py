@@ -176,9 +176,13 @@ class MissrecDecoderLayer(nn.Module):
         padding_mask: torch.Tensor,
         interest_states: torch.Tensor,
         interest_mask: torch.Tensor,
+        query_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        attended = self.self_attn(hidden_states, key_padding_mask=padding_mask)
-        hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
+        """Outputs at the rows `query_states` `[B, Q, H]` (by default every position of `hidden_states`); keys and
+        values always come from every position, so a row's output does not depend on which rows are computed."""
+        queries = hidden_states if query_states is None else query_states
+        attended = self.self_attn(queries, hidden_states, key_padding_mask=padding_mask)
+        hidden_states = self.self_attn_layer_norm(queries + self.dropout(attended))
         crossed = self.cross_attn(hidden_states, interest_states, key_padding_mask=interest_mask)
         hidden_states = self.cross_attn_layer_norm(hidden_states + self.dropout(crossed))
         return self.mlp_layer_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
@@ -212,10 +216,18 @@ class MissrecDecoder(nn.Module):
         padding_mask: torch.Tensor,
         interest_states: torch.Tensor,
         interest_mask: torch.Tensor,
+        output_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        for layer in self.layers:
+        """States `[B, L, H]`, or `[B, 1, H]` at `output_positions` `[B]` only: the last layer then computes
+        that one row per sequence (its self-attention is not causal, so the row still sees every position)."""
+        *inner, last = self.layers
+        for layer in inner:
             hidden_states = layer(hidden_states, padding_mask, interest_states, interest_mask)
-        return self.norm(hidden_states)
+        queries = None
+        if output_positions is not None:
+            rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+            queries = hidden_states[rows, output_positions].unsqueeze(1)
+        return self.norm(last(hidden_states, padding_mask, interest_states, interest_mask, queries))
 
 
 class MissrecItemAdaptor(nn.Linear):
@@ -356,6 +368,7 @@ class MissrecModel(MissrecPreTrainedModel):
         modality_mask: torch.Tensor | None = None,
         item_tokens: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        last_position_only: bool = False,
         return_dict: bool | None = None,
     ) -> MissrecModelOutput | tuple:
         """Encode histories.
@@ -366,6 +379,9 @@ class MissrecModel(MissrecPreTrainedModel):
         modality_mask: `[M, B, L]` bool, True where the item has the modality; by default an all-zero feature
             row is missing. Ignored (all present) when `config.mask_missing_modalities` is False.
         attention_mask: `[B, L]` 1 at real positions; by default `input_ids != 0`.
+        last_position_only: the last decoder layer computes only each history's last real position (all the
+            heads need: the user representation); `last_hidden_state` is then `[B, 1, H]`. Same values as the
+            full computation (tested); the original computed every position and kept the last.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if attention_mask is None:
@@ -385,9 +401,14 @@ class MissrecModel(MissrecPreTrainedModel):
         regularization = self.interest_regularization(interest_states, interest_ids)
 
         decoder_input = self.embed_items(input_ids, item_tokens, modality_mask)
-        hidden = self.decoder(decoder_input, attention_mask, interest_states, interest_mask)
         last_position = (attention_mask * torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)).argmax(1)
-        sequence_embedding = F.normalize(hidden[torch.arange(hidden.shape[0], device=hidden.device), last_position])
+        if last_position_only:
+            hidden = self.decoder(decoder_input, attention_mask, interest_states, interest_mask, last_position)
+            sequence_embedding = F.normalize(hidden[:, 0])
+        else:
+            hidden = self.decoder(decoder_input, attention_mask, interest_states, interest_mask)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            sequence_embedding = F.normalize(hidden[rows, last_position])
 
         if not return_dict:
             return (sequence_embedding, hidden, interest_states, interest_ids, regularization)
@@ -539,6 +560,8 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         )
         # Input validation costs a host-device sync per step; the trainer turns it off for data it validated.
         self.check_inputs = True
+        # Only the last position feeds the loss and the scores; False runs the reference (every position).
+        self.last_position_only = True
         self.post_init()
 
     @classmethod
@@ -671,6 +694,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
             item_tokens=raw[:, input_ids],
             modality_mask=self._present()[:, input_ids],
             attention_mask=attention_mask,
+            last_position_only=self.last_position_only,
         )
 
     def forward(
@@ -806,6 +830,8 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
             )
         self.missrec = MissrecModel(config)
         self.fusion = MissrecFusionHead(config)
+        # Only the last position feeds the losses; False runs the reference (every position).
+        self.last_position_only = True
         self.post_init()
 
     def refresh_interests(
@@ -847,6 +873,7 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
             item_features=item_features,
             modality_mask=self._modality_mask(item_features, modality_mask),
             attention_mask=attention_mask,
+            last_position_only=self.last_position_only,
         )
         sequence = backbone.sequence_embedding
         batch = sequence.shape[0]
@@ -872,6 +899,7 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
                 item_features=augmented_item_features,
                 modality_mask=self._modality_mask(augmented_item_features, augmented_modality_mask),
                 attention_mask=augmented_attention_mask,
+                last_position_only=self.last_position_only,
             )
             all_augmented = _gather_with_grad(augmented.sequence_embedding, sizes)
             sequence_sequence_loss = F.cross_entropy(sequence @ all_augmented.T / config.temperature, labels)

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModel
 
 from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation, MissrecModel
@@ -348,6 +350,8 @@ def test_auto_classes_and_trust_remote_code_rebuild_the_recommender(tmp_path):
 import sys
 sys.modules["modeling_missrec"] = None
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModel
 from safetensors.torch import load_file
 model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
@@ -383,3 +387,51 @@ def test_summed_regulariser_counts_the_whole_optimiser_batch():
     scaled = model(histories(), labels=labels)
     expected = base.loss + 3 * model.config.interest_reg_weight * base.interest_regularization
     torch.testing.assert_close(scaled.loss, expected)
+
+
+# ------------------------------------------------------------------------------------------ last-position decoding
+def _loss_logits_and_gradients(model, input_ids, labels):
+    model.zero_grad()
+    output = model(input_ids, labels=labels)
+    output.loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return output.loss.detach(), output.logits.detach(), gradients
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5),
+    num_decoder_layers=st.integers(1, 2),
+    use_item_ids=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_last_position_decoding_gives_the_reference_loss_scores_and_gradients(
+    lengths, num_decoder_layers, use_item_ids, seed
+):
+    model = tiny_model(num_decoder_layers=num_decoder_layers, use_item_ids=use_item_ids).eval()  # no dropout
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, :length] = torch.randint(1, NUM_ITEMS + 1, (length,), generator=generator)
+    labels = torch.randint(1, NUM_ITEMS + 1, (len(lengths),), generator=generator)
+    assert model.last_position_only  # the default
+    fast = _loss_logits_and_gradients(model, input_ids, labels)
+    model.last_position_only = False
+    reference = _loss_logits_and_gradients(model, input_ids, labels)
+    torch.testing.assert_close(fast[0], reference[0])
+    torch.testing.assert_close(fast[1], reference[1])
+    assert fast[2].keys() == reference[2].keys()
+    for name, gradient in fast[2].items():
+        torch.testing.assert_close(gradient, reference[2][name], msg=name)
+
+
+def test_backbone_last_position_only_returns_one_state_per_history():
+    model = tiny_model().eval()
+    input_ids = histories()
+    tokens, present = model._catalog_raw_tokens()[:, input_ids], model._present()[:, input_ids]
+    full = model.missrec(input_ids, item_tokens=tokens, modality_mask=present)
+    last = model.missrec(input_ids, item_tokens=tokens, modality_mask=present, last_position_only=True)
+    assert full.last_hidden_state.shape == (4, 5, 16) and last.last_hidden_state.shape == (4, 1, 16)
+    final = torch.tensor([2, 4, 0, 2])
+    torch.testing.assert_close(last.last_hidden_state[:, 0], full.last_hidden_state[torch.arange(4), final])
+    torch.testing.assert_close(last.sequence_embedding, full.sequence_embedding)

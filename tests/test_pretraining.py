@@ -134,6 +134,24 @@ def test_duplicate_targets_are_not_negatives():
     torch.testing.assert_close(masked, expected)
 
 
+def test_pretraining_losses_and_gradients_match_the_every_position_reference():
+    model, batch = tiny_pretraining_setup()
+    results = []
+    for last_position_only in (True, False):
+        model.last_position_only = last_position_only
+        model.zero_grad()
+        output = model(**batch)
+        output.loss.backward()
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((output.sequence_item_loss.detach(), output.sequence_sequence_loss.detach(), gradients))
+    (item, seq, fast), (item_ref, seq_ref, reference) = results
+    torch.testing.assert_close(item, item_ref)
+    torch.testing.assert_close(seq, seq_ref)
+    assert fast.keys() == reference.keys()
+    for name, gradient in fast.items():
+        torch.testing.assert_close(gradient, reference[name], msg=name)
+
+
 @pytest.mark.parametrize("first_share", [4, 5], ids=["even", "uneven"])
 def test_two_processes_take_the_same_step_as_one_process_on_the_global_batch(tmp_path, first_share):
     # A real two-rank gloo group in fresh processes (forking this already-threaded test process can deadlock).
