@@ -407,7 +407,13 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     Each epoch: a seeded permutation is cut into mega-batches of `batch_size x group_factor` rows, each sorted
     by length and cut into batches, and the batches are shuffled. `group_factor=1` is plain random batching.
-    `set_epoch` makes the order a function of (seed, epoch), so a resumed run sees the same batches."""
+    `set_epoch` makes the order a function of (seed, epoch), so a resumed run sees the same batches.
+
+    Without shuffling (evaluation) the rows come longest first in batches of `batch_size`; with `min_fill` > 0 a
+    batch also ends before the first history shorter than `min_fill` x its longest, so at least that fraction
+    of its padded positions is real. That matters on small evaluation sets: with 2,928 users sorted into
+    batches of 1,024, the first batch pads histories of mean length 6 to 50. Batches then differ in size,
+    which multi-process evaluation does not allow (Accelerate drops the duplicates of a short last batch only)."""
 
     def __init__(
         self,
@@ -417,29 +423,52 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         seed: int = 0,
         group_factor: int = 50,
         drop_last: bool = False,
+        min_fill: float = 0.0,
     ):
+        if not 0.0 <= min_fill <= 1.0:
+            raise ValueError(f"min_fill must be in [0, 1]; got {min_fill}.")
+        if min_fill and (shuffle or drop_last):
+            raise ValueError("min_fill applies to evaluation batches only (shuffle=False, drop_last=False).")
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.group_factor = max(1, group_factor)
         self.drop_last = drop_last
+        self.min_fill = min_fill
         self.epoch = 0
+        self._evaluation_batches = None if shuffle else self._longest_first_batches()
+
+    def _longest_first_batches(self) -> list[np.ndarray]:
+        n = len(self.lengths)
+        order = np.argsort(-self.lengths, kind="stable")
+        if not self.min_fill:
+            stop = n - n % self.batch_size if self.drop_last else n
+            return [order[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
+        descending = -self.lengths[order]  # ascending, for searchsorted
+        batches, start = [], 0
+        while start < n:  # one iteration per batch
+            width = -descending[start]
+            wide_enough = int(np.searchsorted(descending, -self.min_fill * width, side="right"))
+            stop = min(start + self.batch_size, wide_enough)
+            batches.append(order[start:stop])
+            start = stop
+        return batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if self._evaluation_batches is not None:
+            return len(self._evaluation_batches)
         n = len(self.lengths)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         n = len(self.lengths)
-        if not self.shuffle:
+        if self._evaluation_batches is not None:
             # Evaluation: longest first, so batch widths shrink and the first batch shows the peak memory.
-            order = np.argsort(-self.lengths, kind="stable")
-            stop = n - n % self.batch_size if self.drop_last else n  # keep in step with __len__
-            yield from (order[i : i + self.batch_size].tolist() for i in range(0, stop, self.batch_size))
+            yield from (batch.tolist() for batch in self._evaluation_batches)
             return
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(n)

@@ -39,7 +39,8 @@ class MissrecModelOutput(ModelOutput):
     """Output of the backbone.
 
     sequence_embedding: `[B, H]` L2-normalised decoder state at each history's last real position.
-    last_hidden_state: `[B, L, H]` decoder states at every position.
+    last_hidden_state: `[B, L, H]` decoder states at every position (`[B, 1, H]`, the last position, with
+        `last_position_only=True`).
     interest_hidden_states: `[B, Q, H]` encoded interest tokens; `interest_ids` `[B, Q]` their ids (0 = padding).
     interest_regularization: scalar interest regulariser R of the batch (before its weight gamma).
     """

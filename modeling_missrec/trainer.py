@@ -69,6 +69,13 @@ class TrainingArguments:
     )
     exclude_history: bool = field(default=False, metadata={"help": "Remove the user's history items from the ranking."})
     eval_block_size: int = field(default=8192, metadata={"help": "Items scored at once by the streaming evaluator."})
+    eval_min_fill: float = field(
+        default=0.7,
+        metadata={
+            "help": "An evaluation batch ends before a history shorter than this fraction of its longest, so "
+            "little of it is padding (0 = batches of exactly eval_batch_size; single process only)."
+        },
+    )
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (autocast on the accelerator)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     group_by_length: bool = field(
@@ -97,6 +104,8 @@ class TrainingArguments:
         allowed = [f"{name}@{k}" for k in self.eval_ks for name in ("hr", "recall", "ndcg")] + ["mrr"]
         if self.metric_for_best_model not in allowed:
             raise ValueError(f"metric_for_best_model={self.metric_for_best_model!r} is invalid; allowed: {allowed}")
+        if not 0.0 <= self.eval_min_fill <= 1.0:
+            raise ValueError(f"eval_min_fill={self.eval_min_fill} is invalid; allowed: a float in [0, 1].")
 
 
 FINETUNE_METHODS = ("full", "frozen", "lora")
@@ -414,7 +423,9 @@ def evaluate_ranking(
             exclude_items=input_ids if exclude_history else None,
         )
         ranks = result.ranks
-        if accelerator is not None:
+        # gather_for_metrics cuts the last batch to len(dataset) % batch size, assuming equal batches; with one
+        # process there is nothing to gather, and the batches may differ in size (`eval_min_fill`).
+        if accelerator is not None and accelerator.num_processes > 1:
             ranks = accelerator.gather_for_metrics(ranks)
         all_ranks.append(ranks.cpu())
     model.train(was_training)
@@ -423,11 +434,23 @@ def evaluate_ranking(
 
 
 def build_loader(
-    split, max_seq_length: int, batch_size: int, shuffle: bool, seed: int, group_by_length: bool, num_workers: int
+    split,
+    max_seq_length: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    group_by_length: bool,
+    num_workers: int,
+    min_fill: float = 0.0,
 ) -> DataLoader:
     dataset = HistoryDataset(split, max_seq_length)
     sampler = LengthGroupedBatchSampler(
-        dataset.lengths, batch_size, shuffle=shuffle, seed=seed, group_factor=50 if group_by_length else 1
+        dataset.lengths,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        group_factor=50 if group_by_length else 1,
+        min_fill=min_fill,
     )
     return DataLoader(
         dataset,
@@ -669,8 +692,12 @@ class MissrecTrainer(_AcceleratedLoop):
             args.dataloader_num_workers,
         )
         eval_per_device = max(1, args.eval_batch_size // world)
-        self.valid_loader = build_loader(dataset["valid"], max_len, eval_per_device, False, args.seed, True, 0)
-        self.test_loader = build_loader(dataset["test"], max_len, eval_per_device, False, args.seed, True, 0)
+        # Batches of unequal size are safe with one process only (see LengthGroupedBatchSampler).
+        min_fill = args.eval_min_fill if world == 1 else 0.0
+        self.valid_loader, self.test_loader = (
+            build_loader(dataset[split], max_len, eval_per_device, False, args.seed, True, 0, min_fill)
+            for split in ("valid", "test")
+        )
         self.prepared_model, self.optimizer, self.train_loader, self.valid_loader, self.test_loader = (
             self.accelerator.prepare(model, self.optimizer, self.train_loader, self.valid_loader, self.test_loader)
         )

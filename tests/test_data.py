@@ -605,6 +605,40 @@ def test_sampler_without_shuffle_is_longest_first(skewed_lengths):
     assert all(len(b) == 32 for b in dropped)
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 50), min_size=1, max_size=300),
+    batch_size=st.integers(1, 64),
+    min_fill=st.floats(0.05, 1.0),
+)
+def test_min_fill_batches_cover_every_row_once_with_little_padding(lengths, batch_size, min_fill):
+    lengths = np.array(lengths)
+    sampler = LengthGroupedBatchSampler(lengths, batch_size, shuffle=False, min_fill=min_fill)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert np.all(np.diff(lengths[flat]) <= 0)  # still longest first
+    for batch in batches:
+        assert 1 <= len(batch) <= batch_size
+        assert lengths[batch].min() >= min_fill * lengths[batch].max()
+    for previous, batch in zip(batches, batches[1:]):  # a batch ends only when full or at a too short history
+        assert len(previous) == batch_size or lengths[batch[0]] < min_fill * lengths[previous[0]]
+
+
+def test_min_fill_cuts_the_padding_of_a_skewed_evaluation_set(skewed_lengths):
+    def padding(sampler):
+        return sum(len(b) * skewed_lengths[b].max() - skewed_lengths[b].sum() for b in sampler)
+
+    fixed = LengthGroupedBatchSampler(skewed_lengths, batch_size=1024, shuffle=False)
+    filled = LengthGroupedBatchSampler(skewed_lengths, batch_size=1024, shuffle=False, min_fill=0.7)
+    assert padding(filled) < 0.5 * padding(fixed)
+    with pytest.raises(ValueError, match="min_fill"):
+        LengthGroupedBatchSampler(skewed_lengths, batch_size=32, shuffle=True, min_fill=0.5)
+    with pytest.raises(ValueError, match="min_fill"):
+        LengthGroupedBatchSampler(skewed_lengths, batch_size=32, shuffle=False, min_fill=1.5)
+
+
 # ------------------------------------------------------------------------------------------------------
 # the shared scientific_full set (skipped when absent)
 # ------------------------------------------------------------------------------------------------------

@@ -141,3 +141,22 @@ def test_resume_needs_a_finished_epoch(tmp_path):
     trainer = make_trainer(folder, tmp_path / "out", num_train_epochs=1, resume_from_checkpoint="latest")
     with pytest.raises(FileNotFoundError, match="trainer_state.json not found"):
         trainer.train()
+
+
+def test_evaluation_batches_cut_by_length_rank_like_fixed_size_batches(tmp_path):
+    folder = write_planted_dataset(tmp_path / "data")
+    # 160 users with histories of 3 to 6 items: the fixed batches are 150 + 10 users, the filled ones one per
+    # length, so the last is longer than 10 (what Accelerate's gather_for_metrics would cut it to)
+    filled = make_trainer(folder, tmp_path / "filled", eval_batch_size=150, eval_min_fill=0.9)
+    fixed = make_trainer(folder, tmp_path / "fixed", eval_batch_size=150, eval_min_fill=0.0)
+    assert len(filled.valid_loader) > len(fixed.valid_loader) == 2
+    fills = [int(batch["attention_mask"].sum(1).min()) / batch["input_ids"].shape[1] for batch in filled.valid_loader]
+    assert min(fills) >= 0.9
+    for model in (filled.unwrapped, fixed.unwrapped):
+        model.refresh_interests(seed=0)
+    _, _, filled_ranks = filled._evaluate(filled.valid_loader, "valid")
+    _, _, fixed_ranks = fixed._evaluate(fixed.valid_loader, "valid")
+    assert filled_ranks.numel() == 160
+    assert torch.equal(filled_ranks, fixed_ranks)  # same users in the same (longest-first) order
+    with pytest.raises(ValueError, match="eval_min_fill"):
+        TrainingArguments(output_dir=str(tmp_path), eval_min_fill=1.5)
