@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=512, help="Training histories per step.")
     parser.add_argument("--eval_batch_size", type=int, default=1024, help="Users per evaluation batch.")
     parser.add_argument("--eval_block_size", type=int, default=8192, help="Items scored at once in evaluation.")
+    parser.add_argument(
+        "--eval_min_fill", type=float, default=0.7, help="TrainingArguments.eval_min_fill (0 = fixed batches)."
+    )
     parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed training steps first.")
     parser.add_argument("--train_steps", type=int, default=20, help="Timed training steps (0 = a whole epoch).")
     parser.add_argument("--eval_users", type=int, default=5000, help="Test users ranked (0 = all of them).")
@@ -218,6 +221,7 @@ def run_train_eval_case(case: dict) -> dict:
             train_batch_size=case["batch_size"],
             eval_batch_size=case["eval_batch_size"],
             eval_block_size=case["eval_block_size"],
+            eval_min_fill=case["eval_min_fill"],
             mixed_precision=case["precision"],
             report_to="none",
             disable_tqdm=True,
@@ -442,6 +446,7 @@ def main(argv=None) -> list[dict]:
                 "mean_length": args.mean_length,
                 "batch_size": args.batch_size,
                 "eval_batch_size": args.eval_batch_size,
+                "eval_min_fill": args.eval_min_fill,
                 "eval_block_size": args.eval_block_size,
                 "warmup_steps": args.warmup_steps,
                 "train_steps": args.train_steps,

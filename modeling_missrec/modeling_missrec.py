@@ -221,7 +221,7 @@ class MissrecDecoder(nn.Module):
     ) -> torch.Tensor:
         """States `[B, L, H]`, or `[B, 1, H]` at `output_positions` `[B]` only: the last layer then computes
         that one row per sequence (its self-attention is not causal, so the row still sees every position)."""
-        *inner, last = self.layers
+        *inner, last = self.layers  # the config asks for at least one layer
         for layer in inner:
             hidden_states = layer(hidden_states, padding_mask, interest_states, interest_mask)
         queries = None
@@ -381,8 +381,10 @@ class MissrecModel(MissrecPreTrainedModel):
             row is missing. Ignored (all present) when `config.mask_missing_modalities` is False.
         attention_mask: `[B, L]` 1 at real positions; by default `input_ids != 0`.
         last_position_only: the last decoder layer computes only each history's last real position (all the
-            heads need: the user representation); `last_hidden_state` is then `[B, 1, H]`. Same values as the
-            full computation (tested); the original computed every position and kept the last.
+            heads need: the user representation); `last_hidden_state` is then `[B, 1, H]`. The same values as
+            the full computation up to float rounding (tested); the original computed every position and kept
+            the last. The heads pass their attribute `last_position_only` (True; on a peft model set it on
+            `get_base_model()`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if attention_mask is None:
@@ -686,7 +688,8 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
             raise ValueError(f"input_ids row {int(empty[0, 0])} is an empty history; expected at least one item.")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, raw_tokens=None):
-        """Backbone output for histories `input_ids` `[B, L]`, item tokens looked up in the catalogue."""
+        """Backbone output for histories `input_ids` `[B, L]`, item tokens looked up in the catalogue; its
+        `last_hidden_state` is `[B, 1, H]` (the last position) unless `self.last_position_only` is False."""
         if self.check_inputs:
             self._check_input_ids(input_ids, attention_mask)
         raw = self._catalog_raw_tokens() if raw_tokens is None else raw_tokens

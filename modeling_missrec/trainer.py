@@ -73,7 +73,8 @@ class TrainingArguments:
         default=0.7,
         metadata={
             "help": "An evaluation batch ends before a history shorter than this fraction of its longest, so "
-            "little of it is padding (0 = batches of exactly eval_batch_size; single process only)."
+            "little of it is padding (0 = batches of exactly eval_batch_size / processes). One process only: "
+            "with several the batches stay of equal size."
         },
     )
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (autocast on the accelerator)."})
@@ -392,6 +393,14 @@ def refresh_interests(accelerator: Accelerator, model, seed: int, refresh=None) 
     return k[0]
 
 
+def _min_fill(loader) -> float:
+    """The `min_fill` of the loader's LengthGroupedBatchSampler, under any wrappers (Accelerate's shards)."""
+    sampler = getattr(loader, "batch_sampler", None)
+    while sampler is not None and not hasattr(sampler, "min_fill"):
+        sampler = getattr(sampler, "batch_sampler", None)
+    return getattr(sampler, "min_fill", 0.0)
+
+
 @torch.no_grad()
 def evaluate_ranking(
     model: MissrecForSequentialRecommendation,
@@ -406,6 +415,11 @@ def evaluate_ranking(
     """Full ranking of every user's target among all items, streaming over item blocks.
 
     Returns the standard @K metrics, the @K+1 metrics of the original code, and the ranks (all processes)."""
+    if accelerator is not None and accelerator.num_processes > 1 and _min_fill(loader):
+        raise ValueError(
+            "evaluate_ranking with several processes needs batches of equal size; build the loader with "
+            "min_fill=0 (unequal batches would be trimmed or duplicated by gather_for_metrics)."
+        )
     was_training = model.training
     model.eval()
     raw = model._catalog_raw_tokens()

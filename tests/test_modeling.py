@@ -350,8 +350,6 @@ def test_auto_classes_and_trust_remote_code_rebuild_the_recommender(tmp_path):
 import sys
 sys.modules["modeling_missrec"] = None
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from transformers import AutoModel
 from safetensors.torch import load_file
 model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
@@ -390,6 +388,13 @@ def test_summed_regulariser_counts_the_whole_optimiser_batch():
 
 
 # ------------------------------------------------------------------------------------------ last-position decoding
+def record_last_layer_widths(decoder) -> list[int]:
+    """The number of positions the last decoder layer outputs, per forward."""
+    widths = []
+    decoder.layers[-1].register_forward_hook(lambda module, inputs, output: widths.append(output.shape[1]))
+    return widths
+
+
 def _loss_logits_and_gradients(model, input_ids, labels):
     model.zero_grad()
     output = model(input_ids, labels=labels)
@@ -415,9 +420,11 @@ def test_last_position_decoding_gives_the_reference_loss_scores_and_gradients(
         input_ids[row, :length] = torch.randint(1, NUM_ITEMS + 1, (length,), generator=generator)
     labels = torch.randint(1, NUM_ITEMS + 1, (len(lengths),), generator=generator)
     assert model.last_position_only  # the default
+    widths = record_last_layer_widths(model.missrec.decoder)
     fast = _loss_logits_and_gradients(model, input_ids, labels)
     model.last_position_only = False
     reference = _loss_logits_and_gradients(model, input_ids, labels)
+    assert widths == [1, max(lengths)]  # the fast path computed one row per history, the reference all
     torch.testing.assert_close(fast[0], reference[0])
     torch.testing.assert_close(fast[1], reference[1])
     assert fast[2].keys() == reference[2].keys()

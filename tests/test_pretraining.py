@@ -15,6 +15,7 @@ import pytest
 import torch
 from distributed_step import tiny_pretraining_setup
 from safetensors.torch import load_file
+from test_modeling import record_last_layer_widths
 
 from modeling_missrec import MissrecForPreTraining, MissrecForSequentialRecommendation
 from modeling_missrec.data import (
@@ -136,6 +137,7 @@ def test_duplicate_targets_are_not_negatives():
 
 def test_pretraining_losses_and_gradients_match_the_every_position_reference():
     model, batch = tiny_pretraining_setup()
+    widths = record_last_layer_widths(model.missrec.decoder)
     results = []
     for last_position_only in (True, False):
         model.last_position_only = last_position_only
@@ -144,6 +146,7 @@ def test_pretraining_losses_and_gradients_match_the_every_position_reference():
         output.loss.backward()
         gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results.append((output.sequence_item_loss.detach(), output.sequence_sequence_loss.detach(), gradients))
+    assert widths == [1, 1, 6, 6]  # history and augmented view: one row each, then every position
     (item, seq, fast), (item_ref, seq_ref, reference) = results
     torch.testing.assert_close(item, item_ref)
     torch.testing.assert_close(seq, seq_ref)

@@ -17,6 +17,7 @@ from modeling_missrec.trainer import (
     MissrecTrainer,
     ModelArguments,
     TrainingArguments,
+    build_loader,
     build_model,
     evaluate_ranking,
 )
@@ -150,6 +151,7 @@ def test_evaluation_batches_cut_by_length_rank_like_fixed_size_batches(tmp_path)
     filled = make_trainer(folder, tmp_path / "filled", eval_batch_size=150, eval_min_fill=0.9)
     fixed = make_trainer(folder, tmp_path / "fixed", eval_batch_size=150, eval_min_fill=0.0)
     assert len(filled.valid_loader) > len(fixed.valid_loader) == 2
+    assert len(list(filled.valid_loader)[-1]["labels"]) > 10
     fills = [int(batch["attention_mask"].sum(1).min()) / batch["input_ids"].shape[1] for batch in filled.valid_loader]
     assert min(fills) >= 0.9
     for model in (filled.unwrapped, fixed.unwrapped):
@@ -160,3 +162,27 @@ def test_evaluation_batches_cut_by_length_rank_like_fixed_size_batches(tmp_path)
     assert torch.equal(filled_ranks, fixed_ranks)  # same users in the same (longest-first) order
     with pytest.raises(ValueError, match="eval_min_fill"):
         TrainingArguments(output_dir=str(tmp_path), eval_min_fill=1.5)
+
+
+def test_multi_process_evaluation_refuses_batches_of_unequal_size(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import BatchSamplerShard
+
+    folder = write_planted_dataset(tmp_path / "data")
+    split = load_atomic_dataset(folder, cache_dir=folder / "cache")["valid"]
+    data_args = DataArguments(data_dir=str(folder), text_features="Toy.text.npy", image_features="Toy.image.npy")
+    model = build_model(
+        ModelArguments(config_overrides=TINY), load_item_catalog(folder, feature_files=data_args.feature_files())
+    )
+    two_processes = SimpleNamespace(num_processes=2)
+    for min_fill, fails in ((0.9, True), (0.0, False)):
+        loader = build_loader(split, 50, 40, False, 0, True, 0, min_fill)
+        shard = BatchSamplerShard(loader.batch_sampler, num_processes=2, process_index=0)  # as prepare() wraps it
+        sharded = torch.utils.data.DataLoader(loader.dataset, batch_sampler=shard, collate_fn=identity_collate)
+        if fails:
+            with pytest.raises(ValueError, match="equal size"):
+                evaluate_ranking(model, sharded, two_processes)
+        else:  # gets past the check, to the gather a real process group would do
+            with pytest.raises(AttributeError, match="gather_for_metrics"):
+                evaluate_ranking(model, sharded, two_processes)
