@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import shlex
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,9 +74,28 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+def git_commit() -> str | None:
+    """The commit of the code being measured (None outside a git checkout), marked `+dirty` with local edits."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def run_header(device: str = "cpu") -> dict:
-    """What every result file starts with: the exact command, the date (UTC) and the machine."""
-    return {"command": command_line(), "date": utc_now(), "cwd": os.getcwd(), "machine": machine_info(device)}
+    """What every result file starts with: the exact command, the code's commit, the date (UTC), the machine."""
+    return {
+        "command": command_line(),
+        "commit": git_commit(),
+        "date": utc_now(),
+        "cwd": os.getcwd(),
+        "machine": machine_info(device),
+    }
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -149,7 +169,8 @@ def header_markdown(header: Mapping) -> str:
     """The command / date / machine lines at the top of a result's Markdown file."""
     machine = header["machine"]
     parts = [
-        f"- command: `{header['command']}` (run from `{header.get('cwd', '?')}`)",
+        f"- command: `{header['command']}` (run from `{header.get('cwd', '?')}`"
+        + (f", commit {header['commit']})" if header.get("commit") else ")"),
         f"- date (UTC): {header['date']}",
         f"- machine: {machine['cpu_model']}, {machine['cpu_count']} cores ({machine['cpu_count_usable']} usable), "
         f"torch {machine['torch_version']} with {machine['torch_num_threads']} threads"
