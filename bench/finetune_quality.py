@@ -25,6 +25,7 @@ mode), merged with the records already in the file, and `<output_dir>/finetune_q
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -52,7 +53,14 @@ from common import (
 from transformers.utils import logging as transformers_logging
 
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog
-from modeling_missrec.trainer import DataArguments, MissrecTrainer, ModelArguments, TrainingArguments, build_model
+from modeling_missrec.trainer import (
+    DataArguments,
+    MissrecTrainer,
+    ModelArguments,
+    TrainingArguments,
+    build_model,
+    parse_overrides,
+)
 
 DATASETS = {
     "scientific_full": {
@@ -108,6 +116,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(e.g. 'hidden_size=32,num_attention_heads=2').",
     )
     parser.add_argument(
+        "--training_overrides",
+        default=None,
+        help="Other TrainingArguments fields as 'name=value,name=value' (e.g. 'group_by_length=false,"
+        "length_group_batches=4'); unknown names are an error.",
+    )
+    parser.add_argument(
         "--max_steps_per_epoch", type=int, default=None, help="Cut every epoch short (smoke tests only)."
     )
     parser.add_argument(
@@ -138,6 +152,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Where finetune_quality.json and .md are written (records of earlier runs in it are kept).",
     )
     args = parser.parse_args(argv)
+    try:
+        args.training_settings = parse_overrides(args.training_overrides)
+    except ValueError as error:
+        parser.error(f"--training_overrides: {error}")
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(args.training_settings) - known)
+    if unknown:
+        parser.error(f"--training_overrides: unknown TrainingArguments field(s) {unknown}; known: {sorted(known)}")
     for name in ("num_train_epochs", "train_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -176,6 +198,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
         mixed_precision=args.mixed_precision,
         report_to="none",
         disable_tqdm=True,
+        **args.training_settings,
     )
     started = time.perf_counter()
     dataset = load_atomic_dataset(data_args.resolved_data_dir(), data_args.dataset_name, data_args.cache_dir)
@@ -211,6 +234,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
             "learning_rate": args.learning_rate,
             "metric_cutoff_offset": args.metric_cutoff_offset,
             "config_overrides": args.config_overrides,
+            "training_overrides": args.training_overrides,
             "max_steps_per_epoch": args.max_steps_per_epoch,
             "mixed_precision": args.mixed_precision,
             "torch_num_threads": torch.get_num_threads(),
@@ -228,6 +252,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
     }
     details = {
         "history": history,
+        "num_interests": metrics["num_interests"],
         "train_rows": len(dataset["train"]),
         "valid_users": len(dataset["valid"]),
         "trainable_parameters": metrics["trainable_parameters"],

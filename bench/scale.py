@@ -234,7 +234,7 @@ def run_train_eval_case(case: dict) -> dict:
         # Evaluation first, so that its memory is measured above the model and catalogue alone.
         # A short warm-up: the first calls pay for kernel loading, autotuning and the allocator's pools.
         warm_split = take_rows(splits["test"], 2 * case["eval_batch_size"], case["seed"])
-        warm_loader = build_loader(warm_split, config.max_seq_length, case["eval_batch_size"], False, 0, True, 0)
+        warm_loader = build_loader(warm_split, config.max_seq_length, case["eval_batch_size"], False, 0, 1, 0)
         trainer._evaluate(trainer.accelerator.prepare(warm_loader), "warm-up")
         synchronize(device)
         if device.startswith("cuda"):

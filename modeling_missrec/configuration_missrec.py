@@ -17,7 +17,7 @@ SEQUENCE_FUSION_MODES = ("add",)
 KMEANS_INITS = ("k-means++", "batched-k-means++", "random")
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "silu")
 REGULARIZER_REDUCTIONS = ("sum", "mean")
-REGULARIZER_POOLINGS = ("mean", "original")
+REGULARIZER_POOLINGS = ("mean", "original", "batch_share")
 
 
 class MissrecConfig(PreTrainedConfig):
@@ -64,7 +64,9 @@ class MissrecConfig(PreTrainedConfig):
         interest_reg_reduction (`str`, "sum"): the original sums the regulariser over the batch; "mean" divides
             it by the batch size (independent of how a batch is split over processes).
         interest_reg_pooling (`str`, "mean"): pooling of a sequence's encoded interests in the regulariser:
-            their mean, or "original" (sum x real slots / the batch's largest set: depends on the batch).
+            their mean; "original", exactly the original's (n_b / Q) x the sum over every slot of the padded
+            set, padding slots included (grows like n_b^2 and with the batch mates); "batch_share", the
+            original's weighting over the real slots only.
 
     Scoring
         item_fusion (`str`, "dynamic_shared"): how per-modality cosine scores are mixed: softmax over modalities

@@ -82,6 +82,14 @@ class TrainingArguments:
     group_by_length: bool = field(
         default=True, metadata={"help": "Batch similar history lengths together (less padding, faster epochs)."}
     )
+    length_group_batches: int = field(
+        default=50,
+        metadata={
+            "help": "With group_by_length: each epoch's random order is cut into pools of this many batches, "
+            "each pool sorted by length and cut into batches, and the batches shuffled. Fewer batches per pool "
+            "mix more users and lengths into a batch (1 = random batches); more pad less."
+        },
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' for <output_dir>/checkpoint."}
@@ -107,6 +115,13 @@ class TrainingArguments:
             raise ValueError(f"metric_for_best_model={self.metric_for_best_model!r} is invalid; allowed: {allowed}")
         if not 0.0 <= self.eval_min_fill <= 1.0:
             raise ValueError(f"eval_min_fill={self.eval_min_fill} is invalid; allowed: a float in [0, 1].")
+        if not isinstance(self.length_group_batches, int) or self.length_group_batches < 1:
+            raise ValueError(f"length_group_batches={self.length_group_batches!r} is invalid; allowed: an int >= 1.")
+
+    @property
+    def group_factor(self) -> int:
+        """Batches per length-sorted pool of the training sampler (1 = random batches)."""
+        return self.length_group_batches if self.group_by_length else 1
 
 
 FINETUNE_METHODS = ("full", "frozen", "lora")
@@ -428,9 +443,10 @@ def evaluate_ranking(
     for batch in tqdm(loader, desc=description, disable=not show_progress, leave=False):
         input_ids, labels = batch["input_ids"], batch["labels"]
         sequence = model.encode(input_ids, batch["attention_mask"], raw_tokens=raw).sequence_embedding
+        # The target's score is read from its own block: the same arithmetic as its competitors, so ties
+        # between items with identical features count against the target as they should.
         result = streaming_ranks(
             lambda start, end, s=sequence: model.score_items(s, items, start, end),
-            model.fusion.score_pairs(sequence, items, labels),
             labels,
             model.config.num_items,
             block_size=block_size,
@@ -453,7 +469,7 @@ def build_loader(
     batch_size: int,
     shuffle: bool,
     seed: int,
-    group_by_length: bool,
+    group_factor: int,
     num_workers: int,
     min_fill: float = 0.0,
 ) -> DataLoader:
@@ -463,7 +479,7 @@ def build_loader(
         batch_size,
         shuffle=shuffle,
         seed=seed,
-        group_factor=50 if group_by_length else 1,
+        group_factor=group_factor,
         min_fill=min_fill,
     )
     return DataLoader(
@@ -702,14 +718,14 @@ class MissrecTrainer(_AcceleratedLoop):
             self.per_device_batch_size,
             True,
             args.seed,
-            args.group_by_length,
+            args.group_factor,
             args.dataloader_num_workers,
         )
         eval_per_device = max(1, args.eval_batch_size // world)
         # Batches of unequal size are safe with one process only (see LengthGroupedBatchSampler).
         min_fill = args.eval_min_fill if world == 1 else 0.0
         self.valid_loader, self.test_loader = (
-            build_loader(dataset[split], max_len, eval_per_device, False, args.seed, True, 0, min_fill)
+            build_loader(dataset[split], max_len, eval_per_device, False, args.seed, 1, 0, min_fill)
             for split in ("valid", "test")
         )
         self.prepared_model, self.optimizer, self.train_loader, self.valid_loader, self.test_loader = (

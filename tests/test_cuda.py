@@ -83,7 +83,6 @@ def test_streaming_ranks_on_cuda_equal_brute_force():
     gpu = scores.cuda()
     got = streaming_ranks(
         lambda start, end: gpu[:, start:end],
-        gpu.gather(1, targets.cuda().unsqueeze(1)).squeeze(1),
         targets.cuda(),
         4999,
         block_size=777,

@@ -62,10 +62,8 @@ class Recorder:
 
 def run_streaming(scores, targets, exclude=None, block_size=8192, top_k=0) -> tuple[RankingResult, Recorder]:
     recorder = Recorder(scores)
-    rows = torch.arange(scores.shape[0])
     result = streaming_ranks(
         recorder,
-        scores[rows, targets],
         targets,
         num_items=scores.shape[1] - 1,
         block_size=block_size,
@@ -114,10 +112,14 @@ def test_streaming_matches_reference_with_ties(problem):
     scores, targets, exclude, block_size, top_k = problem
     result, recorder = run_streaming(scores, targets, exclude, block_size, top_k)
     assert torch.equal(result.ranks, reference_ranks(scores, targets, exclude))
-    # blocks are contiguous, cover 1..num_items exactly, and never exceed block_size
+    # the first pass: contiguous blocks covering 1..num_items exactly, never wider than block_size; then the
+    # second pass: the blocks before the last target's block, again in order
     num_items = scores.shape[1] - 1
-    assert recorder.calls[0][0] == 1 and recorder.calls[-1][1] == num_items + 1
-    assert all(a[1] == b[0] for a, b in zip(recorder.calls, recorder.calls[1:], strict=False))
+    first = len(range(1, num_items + 1, block_size))
+    first_pass, second_pass = recorder.calls[:first], recorder.calls[first:]
+    assert first_pass[0][0] == 1 and first_pass[-1][1] == num_items + 1
+    assert all(a[1] == b[0] for a, b in zip(first_pass, first_pass[1:], strict=False))
+    assert second_pass == first_pass[: int((targets.max() - 1) // block_size)]
     assert all(0 < end - start <= block_size for start, end in recorder.calls)
 
     if top_k == 0:
@@ -170,7 +172,8 @@ def test_streaming_large_block_count_matches_reference():
     targets = torch.randint(1, 2001, (33,), generator=gen)
     exclude = torch.randint(0, 2001, (33, 50), generator=gen)
     result, recorder = run_streaming(scores, targets, exclude, block_size=128, top_k=20)
-    assert len(recorder.calls) == math.ceil(2000 / 128)
+    blocks = math.ceil(2000 / 128)
+    assert len(recorder.calls) == blocks + int((targets.max() - 1) // 128)  # the late rows' second pass
     assert torch.equal(result.ranks, reference_ranks(scores, targets, exclude))
     _, expected_items = brute_topk(scores, targets, exclude, 20)
     assert result.topk_items.tolist() == expected_items
@@ -185,8 +188,7 @@ def test_streaming_runs_without_grad_and_detaches():
         assert not block.requires_grad  # called under torch.no_grad()
         return block
 
-    target_scores = (weights * 2)[torch.arange(4), targets]
-    result = streaming_ranks(score_block, target_scores, targets, num_items=10, block_size=3, top_k=2)
+    result = streaming_ranks(score_block, targets, num_items=10, block_size=3, top_k=2)
     assert torch.equal(result.ranks, reference_ranks(weights.detach() * 2, targets))
     assert not result.topk_scores.requires_grad
 
@@ -203,7 +205,6 @@ def test_streaming_nan_competitor_counts_against_target_and_is_never_recommended
 def test_streaming_empty_batch():
     result = streaming_ranks(
         lambda s, e: pytest.fail("score_block must not be called"),
-        torch.zeros(0),
         torch.zeros(0, dtype=torch.long),
         num_items=5,
         top_k=3,
@@ -360,25 +361,25 @@ def test_bad_targets_and_exclusions():
 def test_bad_streaming_arguments():
     scores = torch.zeros(2, 6)
     targets = torch.tensor([1, 2])
-    ts = torch.zeros(2)
 
     def block(start: int, end: int) -> torch.Tensor:
         return scores[:, start:end]
 
     with pytest.raises(ValueError, match=r"targets must hold item ids in 1\.\.5; got values in 1\.\.7"):
-        streaming_ranks(block, ts, torch.tensor([1, 7]), num_items=5)
+        streaming_ranks(block, torch.tensor([1, 7]), num_items=5)
     with pytest.raises(ValueError, match="block_size must be an int >= 1, got 0"):
-        streaming_ranks(block, ts, targets, num_items=5, block_size=0)
+        streaming_ranks(block, targets, num_items=5, block_size=0)
     with pytest.raises(ValueError, match="top_k must be an int >= 0, got -1"):
-        streaming_ranks(block, ts, targets, num_items=5, top_k=-1)
+        streaming_ranks(block, targets, num_items=5, top_k=-1)
     with pytest.raises(ValueError, match="num_items must be an int >= 1"):
-        streaming_ranks(block, ts, targets, num_items=0)
-    with pytest.raises(ValueError, match=r"target_scores must be a tensor of shape \[2\]"):
-        streaming_ranks(block, torch.zeros(3), targets, num_items=5)
-    with pytest.raises(ValueError, match="target_scores must not contain NaN"):
-        streaming_ranks(block, torch.tensor([0.0, float("nan")]), targets, num_items=5)
+        streaming_ranks(block, targets, num_items=0)
+    with pytest.raises(ValueError, match=r"exclude_items must have shape \[B, L\] with B=2"):
+        streaming_ranks(block, targets, num_items=5, exclude_items=torch.zeros(3, 2, dtype=torch.long))
+    nan_target = torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]])
+    with pytest.raises(ValueError, match=r"NaN as the score of row 1's target \(item 1\)"):
+        streaming_ranks(lambda s, e: nan_target[:, s:e], targets.new_tensor([2, 1]), num_items=2)
     with pytest.raises(ValueError, match=r"score_block\(1, 4\) must return a tensor of shape \[2, 3\], got \(2, 2\)"):
-        streaming_ranks(lambda s, e: scores[:, s : e - 1], ts, targets, num_items=5, block_size=3)
+        streaming_ranks(lambda s, e: scores[:, s : e - 1], targets, num_items=5, block_size=3)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def test_a_missing_modality_does_not_leak_the_adaptor_bias():
         after = masked(histories()).logits
     # history 1 and candidates 1..5 have no image; history 3 ([30]) has one, so its embedding changes.
     # The candidate scores of image-less items for an unchanged sequence embedding must not move:
-    # check through score_pairs with a fixed sequence embedding.
+    # check through the fusion head with a fixed sequence embedding.
     sequence = torch.nn.functional.normalize(torch.randn(1, 16), dim=-1)
     masked_items = masked.item_tokens()
     base = tiny_model().eval()
@@ -219,17 +219,14 @@ def test_a_missing_modality_does_not_leak_the_adaptor_bias():
     assert not torch.allclose(shifted, unshifted), "the original's behaviour feeds the bias in"
 
 
-def test_score_pairs_equals_the_full_score_matrix_diagonal():
+def test_score_items_block_equals_the_full_score_matrix():
     model = tiny_model(item_fusion="dynamic_instance").eval()
     with torch.no_grad():
         model.fusion.fusion_factor.uniform_(-2, 2)
         sequence = model.encode(histories()).sequence_embedding
         items = model.item_tokens()
-        targets = torch.tensor([2, 6, 30, 1])
         full = model.fusion(sequence, items)
-        pairs = model.fusion.score_pairs(sequence, items, targets)
         block = model.score_items(sequence, items, 5, 12)
-    torch.testing.assert_close(pairs, full[torch.arange(4), targets])
     torch.testing.assert_close(block, full[:, 5:12])
 
 
@@ -442,3 +439,36 @@ def test_backbone_last_position_only_returns_one_state_per_history():
     final = torch.tensor([2, 4, 0, 2])
     torch.testing.assert_close(last.last_hidden_state[:, 0], full.last_hidden_state[torch.arange(4), final])
     torch.testing.assert_close(last.sequence_embedding, full.sequence_embedding)
+
+
+def original_regulariser(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The original's R, written the way its code computes it: each history padded to max_seq_length, its
+    interest set the sorted unique ids of every position's text and image interests *including* 0 (padding),
+    sets right-padded with 0 across the batch, the encoder run over them (id 0 masked as a key), then
+    p_b = (n_b / Q) x the sum over all Q slots and R = sum_b ||p_b||^2 / H."""
+    backbone = model.missrec
+    tokenizer = backbone.interest_tokenizer
+    full = torch.nn.functional.pad(input_ids, (0, model.config.max_seq_length - input_ids.shape[1]))
+    rows = []
+    for history in full:
+        ids = torch.cat([table[history] for table in tokenizer.item_interest_ids])
+        rows.append(sorted(set(ids.tolist())))
+    width = max(len(r) for r in rows)
+    sets = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    states = backbone.encoder(tokenizer.centroids[sets], sets != 0)
+    count = (sets != 0).sum(1, keepdim=True).float()
+    pooled = count / width * states.sum(1)
+    return (pooled.pow(2).sum(-1) / states.shape[-1]).sum()
+
+
+@pytest.mark.parametrize("mask_missing", [False, True])
+def test_original_regulariser_pooling_is_exactly_the_originals(mask_missing):
+    model = tiny_model(interest_reg_pooling="original", mask_missing_modalities=mask_missing).eval()
+    input_ids = histories()
+    with torch.no_grad():
+        got = model(input_ids).interest_regularization
+        expected = original_regulariser(model, input_ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # and it is far from the default pooling at the same gamma
+        mean = tiny_model(mask_missing_modalities=mask_missing).eval()(input_ids).interest_regularization
+    assert float(got) > 2 * float(mean)

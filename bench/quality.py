@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Controlled quality experiments: named configurations x seeds, each run a fresh process, one protocol.
+
+    export MISSREC_SHARED_DATA=/path/to/shared/data          # or pass --data_root
+    python bench/quality.py --dataset scientific_mm --modes transductive inductive \\
+        --configs default reg_original batches_random kmeans_original all_original --seeds 2020 2021 2022
+    python bench/quality.py --list                            # the named configurations
+
+Every run is `bench/finetune_quality.py` (the real training path: interests refreshed every epoch, early
+stopping on valid NDCG@10 with patience 10, the best epoch's model evaluated once on test by full ranking) in
+its own process, so no state leaks between runs. A finished run is appended at once to
+`<output_dir>/quality_runs.json` and skipped when the harness is started again, so an interrupted grid loses
+one run at most; the summary is rewritten after every run.
+
+Summary (`<output_dir>/quality.json` and `.md`): per (dataset, mode, configuration) the mean and standard
+deviation over the seeds of the valid and test HR/NDCG@10/50, the best epochs, seconds per epoch and training
+samples/s, and the paired difference against the baseline configuration over the seeds both have (per-seed
+values, mean, and a 95% t interval). Per (dataset, mode) the configuration with the best mean *valid*
+NDCG@10 is marked as chosen; the test figures of the others are shown for the ablation, not for choosing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import (
+    BENCH_DIR,
+    DEFAULT_RESULTS_DIR,
+    HelpFormatter,
+    header_markdown,
+    markdown_table,
+    resolve_data_root,
+    run_header,
+    write_json_atomically,
+    write_text_atomically,
+)
+
+METRICS = ("ndcg@10", "hr@10", "ndcg@50", "hr@50")
+MODES = ("transductive", "inductive")
+DATASETS = ("scientific_mm", "scientific_full")
+
+# The original's setting of each departure the review named (REVIEW_2026-12 H1-H3 and the k-means), alone
+# and together, beside today's defaults. `model` goes to MissrecConfig, `training` to TrainingArguments.
+ORIGINAL_REGULARISER = {"interest_reg_pooling": "original"}
+ORIGINAL_BATCHES = {"group_by_length": False}
+ORIGINAL_MISSING = {"mask_missing_modalities": False}
+ORIGINAL_KMEANS = {"kmeans_init": "random", "kmeans_max_iterations": 1, "kmeans_warm_start": False}
+CONFIGS: dict[str, dict] = {
+    "default": {"about": "the shipped defaults", "model": {}, "training": {}},
+    "reg_original": {
+        "about": "the original's interest regulariser (pooling incl. padded slots)",
+        "model": ORIGINAL_REGULARISER,
+        "training": {},
+    },
+    "batches_random": {
+        "about": "random training batches (no length grouping)",
+        "model": {},
+        "training": ORIGINAL_BATCHES,
+    },
+    "batches_pool4": {
+        "about": "length-sorted within pools of 4 batches, batches shuffled",
+        "model": {},
+        "training": {"length_group_batches": 4},
+    },
+    "mask_original": {
+        "about": "missing modalities as the adaptor bias (K from every token)",
+        "model": ORIGINAL_MISSING,
+        "training": {},
+    },
+    "kmeans_original": {
+        "about": "one random-init Lloyd step per refresh, no warm start",
+        "model": ORIGINAL_KMEANS,
+        "training": {},
+    },
+    "all_original": {
+        "about": "all four original settings together",
+        "model": {**ORIGINAL_REGULARISER, **ORIGINAL_MISSING, **ORIGINAL_KMEANS},
+        "training": ORIGINAL_BATCHES,
+    },
+    "default_bf16": {
+        "about": "the defaults with bf16 autocast in training",
+        "model": {},
+        "training": {"mixed_precision": "bf16"},
+    },
+}
+# t quantiles (two-sided 95%) for n - 1 degrees of freedom, for the paired interval.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--data_root", default=None, help="Shared data folder (default: $MISSREC_SHARED_DATA).")
+    parser.add_argument("--dataset", default="scientific_mm", choices=DATASETS, help="The dataset of this grid.")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="Modes, in run order.")
+    parser.add_argument("--configs", nargs="+", default=["default"], help="Named configurations (see --list).")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022], help="Seeds (at least 3).")
+    parser.add_argument("--baseline", default="default", help="Configuration the paired differences refer to.")
+    parser.add_argument("--num_threads", type=int, default=None, help="Torch threads of each run.")
+    parser.add_argument("--max_steps_per_epoch", type=int, default=None, help="Cut epochs short (smoke tests).")
+    parser.add_argument("--num_train_epochs", type=int, default=300, help="Maximum epochs per run.")
+    parser.add_argument("--work_dir", type=Path, default=BENCH_DIR / "scratch" / "quality", help="Scratch folder.")
+    parser.add_argument("--output_dir", type=Path, default=DEFAULT_RESULTS_DIR, help="Where results are written.")
+    parser.add_argument("--summarise", action="store_true", help="Rewrite the summary from the runs; train nothing.")
+    parser.add_argument("--list", action="store_true", help="Print the named configurations and exit.")
+    args = parser.parse_args(argv)
+    unknown = [c for c in [*args.configs, args.baseline] if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; known: {sorted(CONFIGS)}")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
+    return args
+
+
+def overrides(settings: dict) -> str:
+    return ",".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+def run_key(run: dict) -> tuple:
+    return (run["dataset"], run["mode"], run["config"], run["seed"], run.get("max_steps_per_epoch"))
+
+
+def run_one(args, data_root: Path, mode: str, config: str, seed: int) -> dict:
+    """One fresh `finetune_quality.py` process; its last stdout line is the run's JSON."""
+    spec = CONFIGS[config]
+    run_dir = args.work_dir / f"{args.dataset}-{mode}-{config}-{seed}"
+    command = [
+        sys.executable, str(BENCH_DIR / "finetune_quality.py"),
+        "--data_root", str(data_root), "--datasets", args.dataset, "--modes", mode, "--seed", str(seed),
+        "--num_train_epochs", str(args.num_train_epochs), "--work_dir", str(run_dir), "--output_dir", str(run_dir),
+        "--print_json",
+    ]  # fmt: skip
+    if spec["model"]:
+        command += ["--config_overrides", overrides(spec["model"])]
+    if spec["training"]:
+        command += ["--training_overrides", overrides(spec["training"])]
+    if args.num_threads:
+        command += ["--num_threads", str(args.num_threads)]
+    if args.max_steps_per_epoch is not None:
+        command += ["--max_steps_per_epoch", str(args.max_steps_per_epoch)]
+    started = time.perf_counter()
+    log_path = run_dir.with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    if process.returncode != 0:
+        raise RuntimeError(f"run {config}/{mode}/seed {seed} failed (exit {process.returncode}); see {log_path}")
+    payload = json.loads(process.stdout.strip().splitlines()[-1])
+    record, history = payload["record"], payload["history"]
+    train_seconds = [h["train_seconds"] for h in history]
+    return {
+        "dataset": args.dataset,
+        "mode": mode,
+        "config": config,
+        "seed": seed,
+        "max_steps_per_epoch": args.max_steps_per_epoch,
+        "model_overrides": spec["model"],
+        "training_overrides": spec["training"],
+        "valid": {k: record["valid"][k] for k in METRICS},
+        "test": {k: record["test"][k] for k in METRICS},
+        "test_at_k_plus_1": {k: record["test_at_k_plus_1"][k] for k in METRICS},
+        "best_epoch": record["best_epoch"],
+        "epochs_run": record["epochs_run"],
+        "seconds_per_epoch": record["seconds_per_epoch"],
+        "train_samples_per_s": payload["train_rows"] / statistics.fmean(train_seconds) if train_seconds else None,
+        "num_interests": payload.get("num_interests"),
+        "wall_seconds": time.perf_counter() - started,
+        **{k: v for k, v in run_header().items() if k in ("commit", "date")},
+        "command": " ".join(command[1:]),
+    }
+
+
+def load_runs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8"))["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        sys.exit(f"error: {path} is not a quality_runs file ({error}); move it away to start afresh.")
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired(runs: dict[int, dict], base: dict[int, dict], split: str, metric: str) -> dict | None:
+    seeds = sorted(set(runs) & set(base))
+    if not seeds:
+        return None
+    diffs = [runs[s][split][metric] - base[s][split][metric] for s in seeds]
+    mean, std = mean_std(diffs)
+    half = T_975.get(len(diffs) - 1, 1.96) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
+    verdict = "better" if mean - half > 0 else "worse" if mean + half < 0 else "no difference shown"
+    return {
+        "seeds": seeds,
+        "per_seed": diffs,
+        "mean": mean,
+        "std": std,
+        "ci95": [mean - half, mean + half],
+        "verdict": verdict,
+    }
+
+
+def summarise(runs: list[dict], baseline: str) -> list[dict]:
+    groups: dict[tuple, dict[int, dict]] = {}
+    for run in runs:
+        if run.get("max_steps_per_epoch") is None:
+            groups.setdefault((run["dataset"], run["mode"], run["config"]), {})[run["seed"]] = run
+    order = {name: i for i, name in enumerate(CONFIGS)}
+    records = []
+    for (dataset, mode, config), by_seed in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1]), order.get(kv[0][2], 99))
+    ):
+        seeds = sorted(by_seed)
+        record = {"dataset": dataset, "mode": mode, "config": config, "seeds": seeds}
+        for split in ("valid", "test"):
+            stats = {m: mean_std([by_seed[s][split][m] for s in seeds]) for m in METRICS}
+            record[f"{split}_mean"] = {m: v[0] for m, v in stats.items()}
+            record[f"{split}_std"] = {m: v[1] for m, v in stats.items()}
+        record["best_epochs"] = [by_seed[s]["best_epoch"] for s in seeds]
+        record["seconds_per_epoch"] = statistics.fmean(by_seed[s]["seconds_per_epoch"] for s in seeds)
+        record["train_samples_per_s"] = statistics.fmean(by_seed[s]["train_samples_per_s"] for s in seeds)
+        base = groups.get((dataset, mode, baseline))
+        if base is not None and config != baseline:
+            record["paired_vs"] = baseline
+            record["paired"] = {
+                f"{split}_ndcg@10": paired(by_seed, base, split, "ndcg@10") for split in ("valid", "test")
+            }
+        record["overrides"] = {
+            "model": by_seed[seeds[0]]["model_overrides"],
+            "training": by_seed[seeds[0]]["training_overrides"],
+        }
+        records.append(record)
+    for dataset, mode in {(r["dataset"], r["mode"]) for r in records}:
+        candidates = [r for r in records if (r["dataset"], r["mode"]) == (dataset, mode) and len(r["seeds"]) >= 3]
+        if candidates:
+            max(candidates, key=lambda r: r["valid_mean"]["ndcg@10"])["chosen_on_valid"] = True
+    return records
+
+
+def render_markdown(records: list[dict], header: dict) -> str:
+    lines = [
+        "# Controlled quality experiments (bench/quality.py)",
+        "",
+        "Latest invocation:",
+        "",
+        header_markdown(header).rstrip(),
+        "",
+        "Each cell: mean ± standard deviation over the seeds. Full ranking over every item, ties against the "
+        "target, standard @K. `paired Δ` is the configuration minus the baseline on the same seeds (95% t "
+        "interval); `chosen` marks the best mean valid NDCG@10 of a (dataset, mode) among configurations with "
+        "at least 3 seeds: configurations are chosen on validation only.",
+        "",
+    ]
+    rows = []
+    for r in records:
+        pair = r.get("paired", {})
+
+        def delta(split: str, pair=pair) -> str:
+            p = pair.get(f"{split}_ndcg@10")
+            return "" if p is None else f"{p['mean']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] {p['verdict']}"
+
+        rows.append(
+            [
+                r["dataset"],
+                r["mode"],
+                r["config"] + (" (chosen)" if r.get("chosen_on_valid") else ""),
+                len(r["seeds"]),
+                *(f"{r['valid_mean'][m]:.4f} ± {r['valid_std'][m]:.4f}" for m in ("ndcg@10",)),
+                *(f"{r['test_mean'][m]:.4f} ± {r['test_std'][m]:.4f}" for m in METRICS),
+                delta("valid"),
+                delta("test"),
+                " ".join(map(str, r["best_epochs"])),
+                f"{r['seconds_per_epoch']:.1f}",
+                f"{r['train_samples_per_s']:.0f}",
+            ]
+        )
+    headers = ["dataset", "mode", "config", "seeds", "valid NDCG@10", "test NDCG@10", "test HR@10", "test NDCG@50"]
+    headers += ["test HR@50", "paired Δ valid NDCG@10", "paired Δ test NDCG@10", "best epochs", "s/epoch"]
+    headers += ["train samples/s"]
+    lines.append(markdown_table(headers, rows))
+    lines += ["## Configurations", ""]
+    for name, spec in CONFIGS.items():
+        lines.append(f"- `{name}`: {spec['about']}; model {spec['model'] or '{}'}, training {spec['training'] or '{}'}")
+    per_seed = [
+        f"- {r['dataset']} / {r['mode']} / {r['config']}: {split} NDCG@10 Δ per seed "
+        + ", ".join(f"{s}: {d:+.4f}" for s, d in zip(p["seeds"], p["per_seed"], strict=True))
+        for r in records
+        for split, p in ((s, r.get("paired", {}).get(f"{s}_ndcg@10")) for s in ("valid", "test"))
+        if p is not None
+    ]
+    if per_seed:
+        lines += ["", "## Paired differences per seed", "", *per_seed]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(args, runs: list[dict]) -> None:
+    records = summarise(runs, args.baseline)
+    header = run_header()
+    write_json_atomically(
+        args.output_dir / "quality.json", {"meta": {**header, "baseline": args.baseline}, "records": records}
+    )
+    write_text_atomically(args.output_dir / "quality.md", render_markdown(records, header))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.list:
+        for name, spec in CONFIGS.items():
+            print(f"{name:<16} {spec['about']}; model {spec['model']}, training {spec['training']}")
+        return
+    runs_path = args.output_dir / "quality_runs.json"
+    runs = load_runs(runs_path)
+    if args.summarise:
+        write_summary(args, runs)
+        return
+    data_root = resolve_data_root(args.data_root)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    grid = [(mode, seed, config) for mode in args.modes for seed in args.seeds for config in args.configs]
+    done = {run_key(r) for r in runs}
+    todo = [g for g in grid if (args.dataset, g[0], g[2], g[1], args.max_steps_per_epoch) not in done]
+    print(f"{len(grid)} runs in the grid, {len(grid) - len(todo)} already done, {len(todo)} to run", flush=True)
+    for index, (mode, seed, config) in enumerate(todo, 1):
+        print(f"[{index}/{len(todo)}] {args.dataset} / {mode} / {config} / seed {seed} ...", flush=True)
+        run = run_one(args, data_root, mode, config, seed)
+        runs = [*load_runs(runs_path), run]  # re-read: another invocation may have added runs meanwhile
+        write_json_atomically(runs_path, {"runs": runs})
+        write_summary(args, runs)
+        print(
+            f"    valid NDCG@10 {run['valid']['ndcg@10']:.4f}  test NDCG@10 {run['test']['ndcg@10']:.4f}  "
+            f"HR@10 {run['test']['hr@10']:.4f}  best epoch {run['best_epoch']}  "
+            f"{run['seconds_per_epoch']:.1f} s/epoch  {run['wall_seconds']:.0f} s",
+            flush=True,
+        )
+    print(f"written: {runs_path}, {args.output_dir / 'quality.json'}, {args.output_dir / 'quality.md'}")
+
+
+if __name__ == "__main__":
+    main()
