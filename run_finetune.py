@@ -5,6 +5,8 @@
     accelerate launch run_finetune.py --config configuration/finetune/run01_scientific_id_scratch.yaml
     accelerate launch run_finetune.py --mode inductive --output_dir outputs/inductive
     accelerate launch run_finetune.py --model_name_or_path outputs/pretrain --finetune_method frozen
+    accelerate launch run_finetune.py --model_name_or_path outputs/pretrain --mode inductive \
+        --image_features "" --do_train false                           # zero-shot: no training on this domain
 
 Settings come from the dataclasses below (see --help), a YAML file (--config, by default
 configuration/finetune/default.yaml), then command-line flags, the last winning. The output directory receives
@@ -42,6 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
         (DataArguments, ModelArguments, TrainingArguments), sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG
     )
     configure_logging(training_args.disable_tqdm)
+    if not training_args.do_train and model_args.model_name_or_path is None:
+        raise ValueError(
+            "--do_train false evaluates the model as loaded: give --model_name_or_path (a pre-trained or "
+            "fine-tuned MISSRec folder); a model built from scratch would be evaluated with random weights."
+        )
     set_seed(training_args.seed)  # the model's initial weights follow the seed too
     data_dir = data_args.resolved_data_dir()
     with PartialState().main_process_first():  # one process writes the parsed-data cache, the others read it
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("trainable parameters: %d (processes: %d)", trainable, trainer.accelerator.num_processes)
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. 'user/missrec-scientific')")
-    metrics = trainer.train()
+    metrics = trainer.train() if training_args.do_train else trainer.evaluate_without_training()
     if trainer.accelerator.is_main_process:
         mode = "transductive" if model.config.use_item_ids else "inductive"
         card = model_card(metrics, Path(data_dir).name, mode, training_args.hub_model_id)

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_args.augmented_text_features,
     )
     model = build_pretraining_model(model_args, corpus)
-    trainer = MissrecPretrainer(model, corpus, training_args)
+    trainer = MissrecPretrainer(model, corpus, training_args, data_args.load_validation_domains())
     if trainer.accelerator.is_main_process:
         logger.info("configuration file: %s", config_path or "none (dataclass defaults)")
         logger.info("data: %s | %s", data_args, corpus.summary())

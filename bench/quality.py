@@ -34,6 +34,7 @@ from pathlib import Path
 from common import (
     BENCH_DIR,
     DEFAULT_RESULTS_DIR,
+    REPO_ROOT,
     HelpFormatter,
     header_markdown,
     markdown_table,
@@ -149,8 +150,11 @@ def run_one(args, data_root: Path, mode: str, config: str, seed: int) -> dict:
     started = time.perf_counter()
     log_path = run_dir.with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    # The run imports the package of this checkout (a git worktree pinned to the commit being measured), not
+    # whatever an editable install points at: the script's folder, not the repository, is first on sys.path.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        process = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     if process.returncode != 0:
         raise RuntimeError(f"run {config}/{mode}/seed {seed} failed (exit {process.returncode}); see {log_path}")
     payload = json.loads(process.stdout.strip().splitlines()[-1])

@@ -31,7 +31,10 @@ from .data import (
     LengthGroupedBatchSampler,
     PretrainingCollator,
     PretrainingCorpus,
+    find_dataset_name,
     identity_collate,
+    load_atomic_dataset,
+    load_item_catalog,
 )
 from .metrics import metrics_from_ranks, streaming_ranks
 from .modeling_missrec import MissrecForPreTraining, MissrecForSequentialRecommendation
@@ -52,6 +55,15 @@ class TrainingArguments:
     )
     num_train_epochs: int = field(
         default=300, metadata={"help": "Maximum epochs (early stopping usually ends sooner)."}
+    )
+    do_train: bool = field(
+        default=True,
+        metadata={
+            "help": "False: no training step at all; the interests are clustered over this catalogue and the model "
+            "as loaded is evaluated on valid and test (zero-shot ranking with a pre-trained inductive model: "
+            "--model_name_or_path DIR --mode inductive --do_train false, with only the modalities it was "
+            "pre-trained on, since a new modality's adaptor would start random)."
+        },
     )
     train_batch_size: int = field(default=512, metadata={"help": "Training batch size per step, over all processes."})
     eval_batch_size: int = field(default=1024, metadata={"help": "Users per evaluation batch, over all processes."})
@@ -275,14 +287,42 @@ def build_model(model_args: ModelArguments, catalog: ItemCatalog) -> MissrecForS
         model = MissrecForSequentialRecommendation(MissrecConfig(**settings))
     else:
         source = MissrecConfig.from_pretrained(model_args.model_name_or_path)
-        config = MissrecConfig(**{**source.to_diff_dict(), **settings, "num_interests": 0})
-        model = MissrecForSequentialRecommendation(config)
+        model = MissrecForSequentialRecommendation(_transfer_config(source, settings))
         _load_matching_weights(model, model_args.model_name_or_path, catalog.raw_item_ids)
     model.load_item_features(catalog.features, catalog.present)
     if model_args.finetune_method == "frozen":
         model.freeze_backbone_for_transfer()
     elif model_args.finetune_method == "lora":
         model = wrap_with_lora(model, model_args)
+    return model
+
+
+def _transfer_config(source, settings: Mapping):
+    """The source's architecture with this catalogue's settings; what described the source model alone
+    (its interest state, class names, remote-code map) does not carry over."""
+    from .configuration_missrec import MissrecConfig
+
+    carried = {k: v for k, v in source.to_diff_dict().items() if k not in ("architectures", "auto_map")}
+    return MissrecConfig(**{**carried, **settings, "num_interests": 0})
+
+
+def zero_shot_recommender(
+    source: MissrecForPreTraining, catalog: ItemCatalog, interest_ratio: float = 0.5, seed: int = 0
+) -> MissrecForSequentialRecommendation:
+    """An inductive recommender for `catalog` with `source`'s backbone as it is (in memory, nothing trained),
+    its interests clustered over the catalogue: what `run_finetune.py --do_train false` evaluates."""
+    settings = {
+        "num_items": catalog.num_items,
+        "use_item_ids": False,
+        "modalities": list(catalog.features),
+        "interest_ratio": interest_ratio,
+        **{f"{m}_feature_size": catalog.feature_size(m) for m in catalog.features},
+    }
+    model = MissrecForSequentialRecommendation(_transfer_config(source.config, settings))
+    load_matching_state(model, source.state_dict(), "the pre-training model")
+    model.to(next(source.parameters()).device)
+    model.load_item_features(catalog.features, catalog.present)
+    model.refresh_interests(seed=seed)
     return model
 
 
@@ -319,15 +359,21 @@ def _load_matching_weights(model, directory: str, raw_item_ids: list[str] | None
     if not path.exists():
         raise FileNotFoundError(f"model_name_or_path: {path} not found (a local save_pretrained folder is needed)")
     saved = load_file(str(path))
-    if not any(name.startswith("missrec.") for name in saved):  # a bare MissrecModel
-        saved = {f"missrec.{name}": tensor for name, tensor in saved.items()}
-    own = model.state_dict()
     ids_file = Path(directory) / "item_ids.json"
     same_catalogue = (
         raw_item_ids is not None
         and ids_file.exists()
         and json.loads(ids_file.read_text()).get("raw_item_ids") == list(raw_item_ids)
     )
+    load_matching_state(model, saved, directory, same_catalogue)
+
+
+def load_matching_state(model, saved: Mapping[str, torch.Tensor], source: str, same_catalogue: bool = False) -> None:
+    """The rules of `_load_matching_weights` for a state dict in memory (`source` names it in messages)."""
+    directory = source
+    if not any(name.startswith("missrec.") for name in saved):  # a bare MissrecModel
+        saved = {f"missrec.{name}": tensor for name, tensor in saved.items()}
+    own = model.state_dict()
     kept, mismatched = {}, []
     for name, tensor in saved.items():
         if name not in own or any(t in name for t in CATALOGUE_SPECIFIC):
@@ -345,7 +391,7 @@ def _load_matching_weights(model, directory: str, raw_item_ids: list[str] | None
             f"{directory}: the transformer does not match this configuration ({detail}). Use the saved model's "
             "hidden_size, layers, heads, intermediate_size and max_seq_length."
         )
-    model.load_state_dict(kept, strict=False)
+    model.load_state_dict({name: tensor.to(own[name].device) for name, tensor in kept.items()}, strict=False)
     fresh = sorted(set(own) - set(kept) - {n for n in own if any(t in n for t in CATALOGUE_SPECIFIC)})
     unexpected = sorted(set(saved) - set(own))
     logger.info("loaded %d tensors from %s; new for this catalogue: %s", len(kept), directory, fresh or "none")
@@ -805,6 +851,16 @@ class MissrecTrainer(_AcceleratedLoop):
                 break
         return self.finish()
 
+    def evaluate_without_training(self) -> dict:
+        """Zero-shot: cluster the interests over this catalogue (no gradient step), then evaluate and save the
+        model as loaded, as `train` would at its end (`metrics.json` has `epochs_run` 0)."""
+        self.state.num_interests = refresh_interests(self.accelerator, self.unwrapped, seed=self.args.seed)
+        self.log(
+            "zero-shot: no training; %d interests clustered over %d items", self.state.num_interests,
+            self.catalog.num_items,
+        )  # fmt: skip
+        return self.finish()
+
     def finish(self) -> dict:
         """Reload the best model, evaluate it on valid and test, write the final model and the metrics."""
         best_dir = self.output_dir / BEST_DIR
@@ -847,6 +903,10 @@ class PretrainingArguments:
     seed: int = field(default=2020, metadata={"help": "Seeds python, numpy, torch, batches, augmentation, k-means."})
     save_every_epochs: int = field(
         default=10, metadata={"help": "Write <output_dir>/checkpoint-epoch-N (a from_pretrained folder) every N."}
+    )
+    eval_batch_size: int = field(default=1024, metadata={"help": "Users per batch of the zero-shot validation."})
+    zero_shot_interest_ratio: float = field(
+        default=0.5, metadata={"help": "Interest ratio of the zero-shot validation recommenders (fine-tuning's)."}
     )
     augment: bool = field(default=True, metadata={"help": "Add the sequence-to-augmented-sequence loss."})
     word_drop_ratio: float = field(
@@ -895,6 +955,15 @@ class PretrainDataArguments:
     )
     text_feature_size: int | None = field(default=512, metadata={"help": "Width of raw text feature files."})
     image_feature_size: int | None = field(default=512, metadata={"help": "Width of raw image feature files."})
+    validation_dirs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Atomic-file folders of users held out from pre-training, each with its domain's whole "
+            "catalogue and the same feature files: after every epoch their valid split is ranked zero-shot "
+            "(an inductive recommender with the current backbone, interests clustered over that catalogue, "
+            "nothing trained) and NDCG@10 is logged, so that you can see the backbone learn."
+        },
+    )
 
     def feature_files(self) -> dict[str, str]:
         files = {"text": self.text_features, "image": self.image_features}
@@ -907,6 +976,25 @@ class PretrainDataArguments:
 
     def resolved_domain_dirs(self) -> list[str]:
         return [_expand_path(d, "domain_dirs") for d in self.domain_dirs]
+
+    def load_validation_domains(self) -> list[ZeroShotDomain]:
+        """The held-out users' folders as (name, catalogue, valid split)."""
+        domains = []
+        for directory in (_expand_path(d, "validation_dirs") for d in self.validation_dirs):
+            name = find_dataset_name(directory)
+            files = {m: pattern.format(name=name) for m, pattern in self.feature_files().items()}
+            catalog = load_item_catalog(directory, name, files, self.feature_sizes())
+            domains.append(ZeroShotDomain(name, catalog, load_atomic_dataset(directory, name)["valid"]))
+        return domains
+
+
+@dataclass
+class ZeroShotDomain:
+    """Users held out from pre-training and their domain's catalogue, for the per-epoch zero-shot signal."""
+
+    name: str
+    catalog: ItemCatalog
+    valid: object  # a datasets.Dataset with `history` and `target`
 
 
 @dataclass
@@ -935,7 +1023,7 @@ def build_pretraining_model(model_args: PretrainModelArguments, corpus: Pretrain
         return MissrecForPreTraining(MissrecConfig(**settings))
     path = _expand_path(model_args.model_name_or_path, "model_name_or_path")
     source = MissrecConfig.from_pretrained(path)
-    model = MissrecForPreTraining(MissrecConfig(**{**source.to_diff_dict(), **settings, "num_interests": 0}))
+    model = MissrecForPreTraining(_transfer_config(source, settings))
     _load_matching_weights(model, path)
     return model
 
@@ -943,9 +1031,16 @@ def build_pretraining_model(model_args: PretrainModelArguments, corpus: Pretrain
 class MissrecPretrainer(_AcceleratedLoop):
     """Pre-trains a [`MissrecForPreTraining`] on a merged multi-domain corpus with Accelerate."""
 
-    def __init__(self, model: MissrecForPreTraining, corpus: PretrainingCorpus, args: PretrainingArguments):
+    def __init__(
+        self,
+        model: MissrecForPreTraining,
+        corpus: PretrainingCorpus,
+        args: PretrainingArguments,
+        validation_domains: list[ZeroShotDomain] | tuple = (),
+    ):
         super().__init__(model, args)
         self.corpus = corpus
+        self.validation_domains = list(validation_domains)
         config = model.config
         collator = PretrainingCollator(
             corpus,
@@ -976,6 +1071,27 @@ class MissrecPretrainer(_AcceleratedLoop):
     def compute_loss(self, model, batch) -> torch.Tensor:
         return model(**batch).loss
 
+    def zero_shot_validation(self, epoch: int) -> dict:
+        """NDCG@10 of each held-out domain's valid users, ranked zero-shot with the current backbone (main
+        process; the result is shared with the others). Empty without validation domains."""
+        if not self.validation_domains:
+            return {}
+        started = time.perf_counter()
+        result = [None]
+        if self.accelerator.is_main_process:
+            scores = {}
+            for domain in self.validation_domains:
+                model = zero_shot_recommender(
+                    self.unwrapped, domain.catalog, self.args.zero_shot_interest_ratio, seed=self.args.seed + epoch
+                )
+                loader = build_loader(domain.valid, model.config.max_seq_length, self.args.eval_batch_size,
+                                      False, 0, 1, 0, min_fill=0.7)  # fmt: skip
+                scores[domain.name] = evaluate_ranking(model, loader)[0]["ndcg@10"]
+            scores["mean"] = sum(scores.values()) / len(scores)
+            result = [scores]
+        broadcast_object_list(result)
+        return {"zero_shot_valid_ndcg@10": result[0], "zero_shot_seconds": time.perf_counter() - started}
+
     def train(self) -> dict:
         args = self.args
         if args.resume_from_checkpoint:
@@ -995,14 +1111,19 @@ class MissrecPretrainer(_AcceleratedLoop):
             )
             k, loss = record["num_interests"], record["loss"]
             state.epoch = epoch + 1
+            record.update(self.zero_shot_validation(epoch))
             self.log(
-                "epoch %d: loss %.4f, K=%d, cluster %.1fs, train %.1fs (%.0f samples/s)",
+                "epoch %d: loss %.4f, K=%d, cluster %.1fs, train %.1fs (%.0f samples/s)%s",
                 epoch,
                 loss,
                 k,
                 record["cluster_seconds"],
                 record["train_seconds"],
                 record["train_samples_per_second"],
+                "".join(
+                    f" | zero-shot valid ndcg@10 {name} {value:.4f}"
+                    for name, value in record.get("zero_shot_valid_ndcg@10", {}).items()
+                ),
             )
             if self.accelerator.log_with:
                 self.accelerator.log({k_: v for k_, v in record.items() if k_ != "epoch"}, step=epoch)

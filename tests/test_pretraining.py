@@ -33,8 +33,10 @@ from modeling_missrec.trainer import (
     PretrainingArguments,
     PretrainModelArguments,
     TrainingArguments,
+    build_loader,
     build_model,
     build_pretraining_model,
+    evaluate_ranking,
 )
 
 TINY = "hidden_size=16,num_attention_heads=2,intermediate_size=32,hidden_dropout_prob=0.0,attention_dropout_prob=0.0"
@@ -308,3 +310,66 @@ def test_transfer_refuses_a_transformer_of_another_shape(corpus, tmp_path):
     )
     with pytest.raises(ValueError, match="transformer does not match"):
         build_model(arguments, catalog)
+
+
+def test_zero_shot_ranks_a_new_domain_with_the_pretrained_model_untouched(corpus, tmp_path):
+    import run_finetune
+
+    pretrain(corpus, tmp_path / "pre", epochs=1)
+    folder = write_domain(tmp_path / "C", "C", 18, 40, text_width=12, seed=9)
+    out = tmp_path / "zero"
+    flags = ["--data_dir", str(folder), "--text_features", "C.text.npy", "--image_features", "", "--mode", "inductive"]
+    flags += ["--eval_batch_size", "16", "--report_to", "none", "--disable_tqdm", "true", "--seed", "3"]
+    flags += ["--output_dir", str(out), "--model_name_or_path", str(tmp_path / "pre")]
+    metrics = run_finetune.main([*flags, "--do_train", "false"])
+    assert metrics["epochs_run"] == 0 and metrics["history"] == [] and metrics["num_interests"] > 0
+
+    # nothing was trained: every transferred tensor is the pre-trained one
+    pretrained = load_file(str(tmp_path / "pre" / "model.safetensors"))
+    final = load_file(str(out / "model.safetensors"))
+    shared = [n for n in pretrained if "missrec." in n and "interest_tokenizer" not in n and "image" not in n]
+    assert shared and all(torch.equal(final[n], pretrained[n]) for n in shared)
+
+    # and the figures are those of the loaded model ranked over the new catalogue
+    catalog = load_item_catalog(folder, feature_files={"text": "C.text.npy"})
+    model = build_model(ModelArguments(model_name_or_path=str(tmp_path / "pre"), mode="inductive"), catalog)
+    model.refresh_interests(seed=3)
+    split = load_atomic_dataset(folder, cache_dir=tmp_path / "cache")["test"]
+    loader = build_loader(split, model.config.max_seq_length, 16, False, 0, 1, 0)
+    standard, _, _ = evaluate_ranking(model, loader)
+    assert standard == metrics["test"]
+
+
+def test_zero_shot_needs_a_pretrained_model(tmp_path):
+    import run_finetune
+
+    with pytest.raises(ValueError, match="--do_train false evaluates the model as loaded: give --model_name_or_path"):
+        run_finetune.main(["--do_train", "false", "--output_dir", str(tmp_path / "out")])
+
+
+def test_pretraining_logs_the_zero_shot_signal_of_held_out_users(corpus, tmp_path):
+    import run_finetune
+    from modeling_missrec.trainer import PretrainDataArguments
+
+    held_out = write_domain(tmp_path / "H", "H", 22, 30, seed=4)
+    data_args = PretrainDataArguments(
+        domain_dirs=[], text_features="{name}.text.npy", image_features="{name}.image.npy",
+        validation_dirs=[str(held_out)],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_pretraining_model(PretrainModelArguments(interest_ratio=0.2, config_overrides=TINY), corpus)
+    args = PretrainingArguments(
+        output_dir=str(tmp_path / "pre"), num_train_epochs=2, train_batch_size=32, save_every_epochs=1,
+        report_to="none", disable_tqdm=True, seed=5, eval_batch_size=8,
+    )  # fmt: skip
+    summary = MissrecPretrainer(model, corpus, args, data_args.load_validation_domains()).train()
+    signal = [epoch["zero_shot_valid_ndcg@10"] for epoch in summary["history"]]
+    assert [sorted(s) for s in signal] == [["H", "mean"], ["H", "mean"]]
+    assert all(0.0 < s["H"] <= 1.0 for s in signal)
+
+    # the figure is what a user gets from the saved epoch with run_finetune.py --do_train false
+    flags = ["--data_dir", str(held_out), "--text_features", "H.text.npy", "--image_features", "H.image.npy"]
+    flags += ["--mode", "inductive", "--report_to", "none", "--disable_tqdm", "true", "--seed", "6"]
+    flags += ["--model_name_or_path", str(tmp_path / "pre" / "checkpoint-epoch-2"), "--do_train", "false"]
+    metrics = run_finetune.main([*flags, "--output_dir", str(tmp_path / "zero")])
+    assert metrics["valid"]["ndcg@10"] == pytest.approx(signal[1]["H"], abs=1e-12)
