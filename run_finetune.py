@@ -22,7 +22,7 @@ from pathlib import Path
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
-from modeling_missrec.data import dataset_statistics, load_atomic_dataset, load_item_catalog
+from modeling_missrec.data import dataset_statistics, load_atomic_dataset, load_item_catalog, subsample_training_users
 from modeling_missrec.recommend import model_card, push_to_hub
 from modeling_missrec.trainer import (
     DataArguments,
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_dir = data_args.resolved_data_dir()
     with PartialState().main_process_first():  # one process writes the parsed-data cache, the others read it
         dataset = load_atomic_dataset(data_dir, data_args.dataset_name, data_args.cache_dir)
+    dataset = subsample_training_users(dataset, data_args.train_users_fraction, training_args.seed)
     catalog = load_item_catalog(data_dir, data_args.dataset_name, data_args.feature_files(), data_args.feature_sizes())
     model = build_model(model_args, catalog)
     trainer = MissrecTrainer(model, dataset, catalog, training_args)

@@ -52,7 +52,7 @@ from common import (
 )
 from transformers.utils import logging as transformers_logging
 
-from modeling_missrec.data import load_atomic_dataset, load_item_catalog
+from modeling_missrec.data import load_atomic_dataset, load_item_catalog, subsample_training_users
 from modeling_missrec.trainer import (
     DataArguments,
     MissrecTrainer,
@@ -116,6 +116,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(e.g. 'hidden_size=32,num_attention_heads=2').",
     )
     parser.add_argument(
+        "--text_features", default=None, help="Text feature file in the dataset folder instead of the set's own."
+    )
+    parser.add_argument(
+        "--image_features", default=None, help="Image feature file instead of the set's own; '' drops the image."
+    )
+    parser.add_argument("--model_name_or_path", default=None, help="Start from this saved MISSRec (transfer).")
+    parser.add_argument(
+        "--finetune_method", default="full", choices=("full", "frozen", "lora"), help="What is trained on transfer."
+    )
+    parser.add_argument(
+        "--train_users_fraction", type=float, default=1.0, help="Share of the training users (the low-data regime)."
+    )
+    parser.add_argument(
         "--training_overrides",
         default=None,
         help="Other TrainingArguments fields as 'name=value,name=value' (e.g. 'group_by_length=false,"
@@ -172,7 +185,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, dict]:
     """Train and test one (dataset, mode); returns its record, the run's own settings and timings, and the
     per-epoch history with the split sizes (what `bench/peers.py` reads through `--print_json`)."""
-    spec = DATASETS[name]
+    spec = dict(DATASETS[name])
+    for modality in ("text", "image"):
+        chosen = getattr(args, f"{modality}_features")
+        if chosen is not None:
+            spec[f"{modality}_features"] = chosen or None
     data_dir = data_root / spec["folder"]
     if not data_dir.is_dir():
         sys.exit(f"error: {data_dir} not found: the shared data root {data_root} has no {spec['folder']}/ folder.")
@@ -184,8 +201,14 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
         text_features=spec["text_features"],
         image_features=spec["image_features"],
         cache_dir=str(Path(args.work_dir) / "cache"),  # the shared folder may be read-only
+        train_users_fraction=args.train_users_fraction,
     )
-    model_args = ModelArguments(mode=mode, config_overrides=args.config_overrides)
+    model_args = ModelArguments(
+        mode=mode,
+        config_overrides=args.config_overrides,
+        model_name_or_path=args.model_name_or_path,
+        finetune_method=args.finetune_method,
+    )
     training_args = TrainingArguments(
         output_dir=str(run_dir),
         num_train_epochs=args.num_train_epochs,
@@ -202,6 +225,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
     )
     started = time.perf_counter()
     dataset = load_atomic_dataset(data_args.resolved_data_dir(), data_args.dataset_name, data_args.cache_dir)
+    dataset = subsample_training_users(dataset, data_args.train_users_fraction, args.seed)
     catalog = load_item_catalog(
         data_args.resolved_data_dir(), data_args.dataset_name, data_args.feature_files(), data_args.feature_sizes()
     )
@@ -210,7 +234,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
     model = build_model(model_args, catalog)
     trainer = MissrecTrainer(model, dataset, catalog, training_args)
     logger.info("%s / %s: %s", name, mode, catalog.summary())
-    metrics = trainer.train()
+    metrics = trainer.train() if training_args.do_train else trainer.evaluate_without_training()
     wall = time.perf_counter() - started
     history = metrics["history"]
     record = {
@@ -235,6 +259,9 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
             "metric_cutoff_offset": args.metric_cutoff_offset,
             "config_overrides": args.config_overrides,
             "training_overrides": args.training_overrides,
+            "model_name_or_path": args.model_name_or_path,
+            "finetune_method": args.finetune_method,
+            "train_users_fraction": args.train_users_fraction,
             "max_steps_per_epoch": args.max_steps_per_epoch,
             "mixed_precision": args.mixed_precision,
             "torch_num_threads": torch.get_num_threads(),

@@ -130,19 +130,32 @@ def run_key(run: dict) -> tuple:
 
 
 def run_one(args, data_root: Path, mode: str, config: str, seed: int) -> dict:
-    """One fresh `finetune_quality.py` process; its last stdout line is the run's JSON."""
+    """One run of a named configuration (see `run_finetune_quality`)."""
     spec = CONFIGS[config]
-    run_dir = args.work_dir / f"{args.dataset}-{mode}-{config}-{seed}"
+    run = run_finetune_quality(
+        args, data_root, mode, seed, f"{config}-{seed}", spec["model"], spec["training"], spec.get("flags", [])
+    )
+    return {"config": config, **run}
+
+
+def run_finetune_quality(
+    args, data_root: Path, mode: str, seed: int, name: str, model: dict, training: dict, flags: list[str]
+) -> dict:
+    """One fresh `finetune_quality.py` process (its last stdout line is the run's JSON), as a run record.
+
+    `args` gives dataset, num_train_epochs, work_dir, num_threads and max_steps_per_epoch; `model` and
+    `training` are MissrecConfig / TrainingArguments overrides, `flags` more finetune_quality flags."""
+    run_dir = args.work_dir / f"{args.dataset}-{mode}-{name}"
     command = [
         sys.executable, str(BENCH_DIR / "finetune_quality.py"),
         "--data_root", str(data_root), "--datasets", args.dataset, "--modes", mode, "--seed", str(seed),
         "--num_train_epochs", str(args.num_train_epochs), "--work_dir", str(run_dir), "--output_dir", str(run_dir),
-        "--print_json",
+        "--print_json", *flags,
     ]  # fmt: skip
-    if spec["model"]:
-        command += ["--config_overrides", overrides(spec["model"])]
-    if spec["training"]:
-        command += ["--training_overrides", overrides(spec["training"])]
+    if model:
+        command += ["--config_overrides", overrides(model)]
+    if training:
+        command += ["--training_overrides", overrides(training)]
     if args.num_threads:
         command += ["--num_threads", str(args.num_threads)]
     if args.max_steps_per_epoch is not None:
@@ -156,18 +169,18 @@ def run_one(args, data_root: Path, mode: str, config: str, seed: int) -> dict:
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     if process.returncode != 0:
-        raise RuntimeError(f"run {config}/{mode}/seed {seed} failed (exit {process.returncode}); see {log_path}")
+        raise RuntimeError(f"run {name} / {mode} failed (exit {process.returncode}); see {log_path}")
     payload = json.loads(process.stdout.strip().splitlines()[-1])
     record, history = payload["record"], payload["history"]
     train_seconds = [h["train_seconds"] for h in history]
     return {
         "dataset": args.dataset,
         "mode": mode,
-        "config": config,
         "seed": seed,
         "max_steps_per_epoch": args.max_steps_per_epoch,
-        "model_overrides": spec["model"],
-        "training_overrides": spec["training"],
+        "model_overrides": model,
+        "training_overrides": training,
+        "flags": flags,
         "valid": {k: record["valid"][k] for k in METRICS},
         "test": {k: record["test"][k] for k in METRICS},
         "test_at_k_plus_1": {k: record["test_at_k_plus_1"][k] for k in METRICS},
@@ -175,6 +188,7 @@ def run_one(args, data_root: Path, mode: str, config: str, seed: int) -> dict:
         "epochs_run": record["epochs_run"],
         "seconds_per_epoch": record["seconds_per_epoch"],
         "train_samples_per_s": payload["train_rows"] / statistics.fmean(train_seconds) if train_seconds else None,
+        "trainable_params": payload.get("trainable_parameters"),
         "num_interests": payload.get("num_interests"),
         "wall_seconds": time.perf_counter() - started,
         **{k: v for k, v in run_header().items() if k in ("commit", "date")},

@@ -1,38 +1,42 @@
 #!/usr/bin/env python
-"""Does pre-training transfer? Pre-train MISSRec on Scientific users outside scientific_mm, then fine-tune on
-scientific_mm by each method, against the same model trained from scratch.
+"""Does pre-training on five Amazon domains help Scientific? Transfer methods x seeds x regimes, one protocol.
 
-    export MISSREC_SHARED_DATA=/path/to/shared/data          # or pass --data_root
-    python bench/transfer.py                                  # pre-train, then scratch/frozen/full/lora
-    python bench/transfer.py --skip_pretrain                  # reuse <work_dir>/pretrained
+    export MISSREC_SHARED_DATA=/path/to/shared/data
+    python bench/pretrain_amazon5.py                          # the pre-trained backbone (once)
+    python bench/transfer.py --dataset scientific_mm --modes transductive inductive \\
+        --methods scratch frozen full lora --seeds 2020 2021 2022
+    python bench/transfer.py --dataset scientific_full --modes inductive --methods zero-shot popularity
+    python bench/transfer.py --dataset scientific_full --regime 10% --methods scratch frozen
 
-Pre-training corpus: the train rows of scientific_full whose users (raw ids through `.user2index`) are not in
-scientific_mm, so no valid or test item of the target domain is seen; features MiniLM text
-(`Scientific.text_minilm.npy`, 384) + CLIP image (`Scientific.image_clip.npy`, 512, zero where missing).
-Target: scientific_mm with the same feature spaces (`Scientific.text_minilm.npy`, `Scientific.feat3CLS`).
-Methods: scratch (no pre-training), frozen (the paper: position embedding, encoder, decoder frozen), full
-(everything trained from the pre-trained weights), lora (LoRA on q/k/v/o, adaptors/LN/fusion/IDs trained).
-Also measures pre-training throughput with 1 and 2 CPU processes (`--throughput_epochs`).
-
-Writes `<output_dir>/transfer.json` ({"meta", "records", "pretraining"}) and `transfer.md`.
+Every method uses the same features: MiniLM text (the pre-training's feature space; `Scientific.text_minilm.npy`)
+and CLIP images (`Scientific.feat3CLS` on scientific_mm, `Scientific.image_clip.npy` on scientific_full, zero
+rows where an item has none):
+  scratch     no pre-training
+  frozen      the paper's recipe: position table, encoder and decoder frozen; adaptors, input LayerNorm, fusion
+              factor (and the ID table, transductive) trained
+  full        everything trained, starting from the pre-trained weights
+  lora        LoRA on the attention q/k/v/o; adaptors, LayerNorm, fusion head, ID table trained in full
+  zero-shot   inductive, text only, no training on Scientific (`run_finetune.py --do_train false`)
+  popularity  every test user gets the items ranked by how often they occur in the histories of the test split
+              (everything known at test time), ties against the target as for the models
+Regimes: `full` (every training user) and `10%` (the training rows of 10% of the users, drawn with the seed;
+the same valid and test users). Each training run is `bench/finetune_quality.py` in a fresh process, through
+the runner of `bench/quality.py`; a finished run is written at once to `<output_dir>/transfer_runs.json` and
+skipped when started again. `<output_dir>/transfer.json` / `.md` hold the mean and standard deviation per
+(dataset, mode, regime, method) and the paired difference of each pre-trained method against scratch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import shutil
-import socket
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
 from common import (
     BENCH_DIR,
     DEFAULT_RESULTS_DIR,
@@ -44,206 +48,173 @@ from common import (
     write_json_atomically,
     write_text_atomically,
 )
-from transformers.utils import logging as transformers_logging
+from quality import METRICS, mean_std, paired, run_finetune_quality
 
-from modeling_missrec.data import load_atomic_dataset, load_item_catalog, read_index_file
-from modeling_missrec.trainer import MissrecTrainer, ModelArguments, TrainingArguments, build_model
+from modeling_missrec.data import load_atomic_dataset, read_index_file
+from modeling_missrec.metrics import metrics_from_ranks
+from modeling_missrec.ranking import streaming_ranks
 
-REPO = Path(__file__).resolve().parents[1]
-METHODS = ("scratch", "frozen", "full", "lora")
-METRIC_KEYS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
-logger = logging.getLogger("transfer")
+METHODS = ("scratch", "frozen", "full", "lora", "zero-shot", "popularity")
+REGIMES = {"full": 1.0, "10%": 0.1}
+TEXT = "Scientific.text_minilm.npy"
+FOLDERS = {"scientific_mm": "scientific_mm", "scientific_full": "scientific_full"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--data_root", default=None, help="Shared data root (default: $MISSREC_SHARED_DATA).")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="Fine-tuning methods.")
-    parser.add_argument("--mode", default="transductive", choices=("transductive", "inductive"), help="Target mode.")
-    parser.add_argument("--pretrain_epochs", type=int, default=20, help="Pre-training epochs.")
-    parser.add_argument("--pretrain_batch_size", type=int, default=1024, help="Pre-training global batch.")
-    parser.add_argument("--num_train_epochs", type=int, default=300, help="Fine-tuning epoch cap (early stopping).")
-    parser.add_argument("--early_stopping_patience", type=int, default=10, help="Fine-tuning patience.")
-    parser.add_argument("--throughput_epochs", type=int, default=1, help="Epochs per pre-training throughput run.")
-    parser.add_argument("--skip_pretrain", action="store_true", help="Reuse <work_dir>/pretrained.")
-    parser.add_argument("--skip_throughput", action="store_true", help="Skip the 1 vs 2 process measurement.")
-    parser.add_argument("--mixed_precision", default="no", choices=("no", "bf16"), help="Autocast for training.")
-    parser.add_argument("--seed", type=int, default=2020, help="Seed of everything.")
+    parser.add_argument("--data_root", default=None, help="Shared data folder (default: $MISSREC_SHARED_DATA).")
+    parser.add_argument("--dataset", default="scientific_mm", choices=list(FOLDERS), help="Downstream set.")
+    parser.add_argument("--modes", nargs="+", default=["transductive", "inductive"], help="Modes, in run order.")
+    parser.add_argument("--methods", nargs="+", default=["scratch", "frozen", "full", "lora"], choices=METHODS)
+    parser.add_argument("--regime", default="full", choices=list(REGIMES), help="Share of the training users.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022], help="Seeds (at least 3).")
+    parser.add_argument(
+        "--pretrained",
+        type=Path,
+        default=BENCH_DIR / "scratch" / "amazon5" / "pretrain",
+        help="The pre-trained backbone folder (bench/pretrain_amazon5.py writes it).",
+    )
+    parser.add_argument("--num_threads", type=int, default=None, help="Torch threads of each run.")
+    parser.add_argument("--max_steps_per_epoch", type=int, default=None, help="Cut epochs short (smoke tests).")
+    parser.add_argument("--num_train_epochs", type=int, default=300, help="Maximum epochs per run.")
     parser.add_argument("--work_dir", type=Path, default=BENCH_DIR / "scratch" / "transfer", help="Scratch folder.")
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_RESULTS_DIR, help="Where results are written.")
-    return parser.parse_args(argv)
+    parser.add_argument("--summarise", action="store_true", help="Rewrite the summary from the runs; train nothing.")
+    args = parser.parse_args(argv)
+    needs_backbone = {"frozen", "full", "lora", "zero-shot"} & set(args.methods)
+    if needs_backbone and not args.summarise and not (args.pretrained / "model.safetensors").exists():
+        parser.error(f"--pretrained {args.pretrained} has no model.safetensors (run bench/pretrain_amazon5.py)")
+    return args
 
 
-def build_pretraining_domain(data_root: Path, work_dir: Path) -> tuple[Path, dict]:
-    """scientific_full's train rows of users absent from scientific_mm, as an atomic-file folder."""
-    full, target = data_root / "scientific_full", data_root / "scientific_mm"
-    target_users = set(read_index_file(target / "Scientific.user2index"))
-    full_users = read_index_file(full / "Scientific.user2index")
-    excluded = {index for index, raw in enumerate(full_users) if raw in target_users}
-    domain = work_dir / "pretrain_domain"
-    domain.mkdir(parents=True, exist_ok=True)
-    lines = (full / "Scientific.train.inter").read_text().splitlines(keepends=True)
-    kept = [line for line in lines[1:] if int(line.split("\t", 1)[0]) not in excluded]
-    (domain / "Scientific.train.inter").write_text(lines[0] + "".join(kept))
-    for name in ("Scientific.item2index", "Scientific.text_minilm.npy", "Scientific.image_clip.npy"):
-        shutil.copyfile(full / name, domain / name)
-    stats = {"users_excluded": len(excluded), "train_rows": len(kept), "train_rows_all": len(lines) - 1}
-    return domain, stats
+def method_flags(args, method: str, mode: str) -> tuple[dict, list[str]]:
+    """The training overrides and finetune_quality flags of a method."""
+    flags = ["--text_features", TEXT, "--train_users_fraction", str(REGIMES[args.regime])]
+    if method == "scratch":
+        return {}, flags
+    flags += ["--model_name_or_path", str(args.pretrained)]
+    if method == "zero-shot":
+        return {"do_train": False}, [*flags, "--image_features", ""]
+    return {}, [*flags, "--finetune_method", method]
 
 
-def run_pretrain(domain: Path, out: Path, epochs: int, batch: int, args, processes: int = 1) -> dict:
-    """run_pretrain.py in a subprocess (1 process, or 2 CPU processes with a real gloo group)."""
-    flags = [
-        "--domain_dirs", str(domain), "--text_features", "{name}.text_minilm.npy",
-        "--image_features", "{name}.image_clip.npy", "--output_dir", str(out), "--num_train_epochs", str(epochs),
-        "--train_batch_size", str(batch), "--save_every_epochs", "0", "--report_to", "none",
-        "--disable_tqdm", "true", "--seed", str(args.seed), "--mixed_precision", args.mixed_precision,
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if processes == 1:
-        command = [sys.executable, str(REPO / "run_pretrain.py"), *flags]
-    else:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_addr", "127.0.0.1", "--master_port", str(port), str(REPO / "run_pretrain.py"), *flags,
-        ]  # fmt: skip
-        env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // processes)))
-    if out.exists():
-        shutil.rmtree(out)
+def popularity(args, data_root: Path, seed: int) -> dict:
+    """Test (and valid) metrics of ranking every item by its count in the split's histories."""
     started = time.perf_counter()
-    completed = subprocess.run(command, env=env, capture_output=True, text=True)
-    if completed.returncode != 0:
-        sys.exit(f"pre-training failed ({' '.join(command)}):\n{completed.stderr[-4000:]}")
-    summary = json.loads((out / "pretrain_metrics.json").read_text())
-    summary["wall_seconds"] = time.perf_counter() - started
-    if summary["num_processes"] != processes:
-        sys.exit(f"asked for {processes} processes, the run had {summary['num_processes']}")
-    return summary
-
-
-def finetune(method: str, pretrained: Path, data_root: Path, args) -> dict:
-    target = data_root / "scientific_mm"
-    run_dir = args.work_dir / f"finetune-{method}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    dataset = load_atomic_dataset(target, cache_dir=args.work_dir / "cache")
-    catalog = load_item_catalog(
-        target,
-        feature_files={"text": "Scientific.text_minilm.npy", "image": "Scientific.feat3CLS"},
-        feature_sizes={"image": 512},
-    )
-    set_seed(args.seed)
-    model_args = ModelArguments(
-        model_name_or_path=None if method == "scratch" else str(pretrained),
-        finetune_method="full" if method == "scratch" else method,
-        mode=args.mode,
-    )
-    model = build_model(model_args, catalog)
-    training = TrainingArguments(
-        output_dir=str(run_dir),
-        num_train_epochs=args.num_train_epochs,
-        early_stopping_patience=args.early_stopping_patience,
-        seed=args.seed,
-        mixed_precision=args.mixed_precision,
-        report_to="none",
-        disable_tqdm=True,
-    )
-    metrics = MissrecTrainer(model, dataset, catalog, training).train()
+    folder = data_root / FOLDERS[args.dataset]
+    dataset = load_atomic_dataset(folder, cache_dir=args.work_dir / "cache")
+    num_items = len(read_index_file(folder / "Scientific.item2index"))
+    result = {}
+    for split in ("valid", "test"):
+        columns = dataset[split].with_format("numpy")[:]
+        items = np.concatenate(list(columns["history"])).astype(np.int64)
+        counts = torch.from_numpy(np.bincount(items, minlength=num_items + 1).astype(np.float32))
+        targets = torch.as_tensor(columns["target"])
+        scores = counts[1:].unsqueeze(0).expand(len(targets), -1)  # one row of counts, viewed per user
+        ranks = streaming_ranks(lambda s, e, scores=scores: scores[:, s - 1 : e - 1], targets, num_items).ranks
+        result[split] = {k: metrics_from_ranks(ranks)[k] for k in METRICS}
     return {
-        "method": method,
-        "trainable_params": metrics["trainable_parameters"],
-        "test": {k: metrics["test"][k] for k in METRIC_KEYS},
-        "seconds_per_epoch": metrics["seconds_per_epoch"],
-        "best_epoch": metrics["best_epoch"],
-        "epochs_run": metrics["epochs_run"],
-        "valid": {k: metrics["valid"][k] for k in METRIC_KEYS},
-    }
+        "dataset": args.dataset, "mode": "inductive", "seed": seed, "valid": result["valid"], "test": result["test"],
+        "best_epoch": None, "epochs_run": 0, "seconds_per_epoch": 0.0, "trainable_params": 0,
+        "wall_seconds": time.perf_counter() - started, **{k: run_header()[k] for k in ("commit", "date")},
+    }  # fmt: skip
 
 
-def render(results: dict) -> str:
-    lines = [
-        "# Transfer: pre-train on other Scientific users, fine-tune on scientific_mm",
-        "",
-        header_markdown(results["meta"]).rstrip(),
-        "",
-    ]
-    pre = results.get("pretraining", {})
-    if pre:
-        lines += [f"Pre-training corpus: {pre.get('corpus')}", ""]
-        rows = [
-            [name, run["num_processes"], f"{run['samples_per_second']:.0f}", f"{run['seconds_per_epoch']:.1f}"]
-            for name, run in pre.get("runs", {}).items()
-        ]
-        lines += [markdown_table(["pre-training run", "processes", "samples/s", "s/epoch"], rows), ""]
-    rows = [
-        [
-            r["method"],
-            f"{r['trainable_params']:,}",
-            *(f"{r['test'][k]:.4f}" for k in METRIC_KEYS),
-            r["best_epoch"],
-            f"{r['seconds_per_epoch']:.1f}",
-        ]
-        for r in results["records"]
-    ]
-    lines.append(markdown_table(["method", "trainable", *METRIC_KEYS, "best epoch", "s/epoch"], rows))
-    return "\n".join(lines) + "\n"
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers_logging.disable_progress_bar()
-    data_root = resolve_data_root(args.data_root)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    domain, corpus = build_pretraining_domain(data_root, args.work_dir)
-    pretrained = args.work_dir / "pretrained"
-    pretraining = {"corpus": corpus, "runs": {}}
-    if not args.skip_throughput:
-        for processes in (1, 2):
-            summary = run_pretrain(
-                domain,
-                args.work_dir / f"throughput-{processes}",
-                args.throughput_epochs,
-                args.pretrain_batch_size,
-                args,
-                processes,
-            )
-            pretraining["runs"][f"throughput, {processes} process(es)"] = {
-                "num_processes": processes,
-                "samples_per_second": float(np.mean([h["train_samples_per_second"] for h in summary["history"]])),
-                "seconds_per_epoch": summary["seconds_per_epoch"],
-            }
-    if not args.skip_pretrain:
-        summary = run_pretrain(domain, pretrained, args.pretrain_epochs, args.pretrain_batch_size, args)
-        pretraining["runs"]["pre-training used for transfer"] = {
-            "num_processes": 1,
-            "samples_per_second": float(np.mean([h["train_samples_per_second"] for h in summary["history"]])),
-            "seconds_per_epoch": summary["seconds_per_epoch"],
-            "epochs": summary["epochs_run"],
-            "final_loss": summary["history"][-1]["loss"],
-        }
+# ---------------------------------------------------------------------------------------------------- summary
+def summarise(runs: list[dict]) -> list[dict]:
+    groups: dict[tuple, dict[int, dict]] = {}
+    for run in runs:
+        if run.get("max_steps_per_epoch") is None:
+            key = (run["dataset"], run["mode"], run["regime"], run["method"])
+            groups.setdefault(key, {})[run["seed"]] = run
     records = []
-    results = {
-        "meta": {
-            **run_header(),
-            "settings": vars(args) | {"work_dir": str(args.work_dir), "output_dir": str(args.output_dir)},
-        },
-        "pretraining": pretraining,
-        "records": records,
-    }
-    json_path = args.output_dir / "transfer.json"
-    for method in args.methods:
-        logger.info("=== fine-tuning: %s ===", method)
-        records.append(finetune(method, pretrained, data_root, args))
-        write_json_atomically(json_path, results)
-        write_text_atomically(json_path.with_suffix(".md"), render(results))
-    print(render(results))
-    return results
+    order = {m: i for i, m in enumerate(METHODS)}
+    for (dataset, mode, regime, method), by_seed in sorted(
+        groups.items(), key=lambda kv: (*kv[0][:3], order[kv[0][3]])
+    ):
+        seeds = sorted(by_seed)
+        test = {m: mean_std([by_seed[s]["test"][m] for s in seeds]) for m in METRICS}
+        valid = {m: mean_std([by_seed[s]["valid"][m] for s in seeds]) for m in METRICS}
+        record = {
+            "dataset": dataset, "mode": mode, "regime": regime, "method": method, "seeds": seeds,
+            "trainable_params": by_seed[seeds[0]].get("trainable_params"),
+            "test": {m: v[0] for m, v in test.items()}, "test_std": {m: v[1] for m, v in test.items()},
+            "valid": {m: v[0] for m, v in valid.items()}, "valid_std": {m: v[1] for m, v in valid.items()},
+            "seconds_per_epoch": statistics.fmean(by_seed[s]["seconds_per_epoch"] for s in seeds),
+            "best_epochs": [by_seed[s]["best_epoch"] for s in seeds],
+        }  # fmt: skip
+        base = groups.get((dataset, mode, regime, "scratch"))
+        if base is not None and method not in ("scratch", "popularity"):
+            record["paired_vs_scratch"] = {
+                f"{split}_ndcg@10": paired(by_seed, base, split, "ndcg@10") for split in ("valid", "test")
+            }  # noqa: E501
+        records.append(record)
+    return records
+
+
+def render(records: list[dict], header: dict, pretrained: str) -> str:
+    lines = [
+        "# Transfer from the five-domain Amazon pre-training (bench/transfer.py)",
+        "",
+        header_markdown(header).rstrip(),
+    ]
+    lines += ["", f"Pre-trained backbone: `{pretrained}`. Mean ± standard deviation over the seeds; standard @K, full"]
+    lines += [
+        "ranking, ties against the target. Paired Δ: method minus scratch on the same seeds (95% t interval).",
+        "",
+    ]
+    rows = []
+    for r in records:
+        pair = r.get("paired_vs_scratch", {}).get("test_ndcg@10")
+        delta = "" if pair is None else f"{pair['mean']:+.4f} [{pair['ci95'][0]:+.4f}, {pair['ci95'][1]:+.4f}]"
+        rows.append([
+            r["dataset"], r["mode"], r["regime"], r["method"], len(r["seeds"]), r["trainable_params"],
+            *(f"{r['test'][m]:.4f} ± {r['test_std'][m]:.4f}" for m in METRICS),
+            f"{delta} {pair['verdict']}" if pair else "",
+            " ".join(str(e) for e in r["best_epochs"]), f"{r['seconds_per_epoch']:.1f}",
+        ])  # fmt: skip
+    headers = ["dataset", "mode", "regime", "method", "seeds", "trainable", "NDCG@10", "HR@10", "NDCG@50", "HR@50"]
+    lines.append(markdown_table([*headers, "paired Δ NDCG@10 vs scratch", "best epochs", "s/epoch"], rows))
+    return "\n".join(lines) + "\n"  # fmt: skip
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    runs_path = args.output_dir / "transfer_runs.json"
+    runs = json.loads(runs_path.read_text(encoding="utf-8"))["runs"] if runs_path.exists() else []
+    if not args.summarise:
+        data_root = resolve_data_root(args.data_root)
+        done = {
+            (r["dataset"], r["mode"], r["regime"], r["method"], r["seed"], r.get("max_steps_per_epoch")) for r in runs
+        }
+        grid = [(mode, seed, method) for mode in args.modes for seed in args.seeds for method in args.methods
+                if mode == "inductive" or method not in ("zero-shot", "popularity")]  # fmt: skip
+        todo = [g for g in grid if (args.dataset, g[0], args.regime, g[2], g[1], args.max_steps_per_epoch) not in done]
+        print(f"{len(grid)} runs in the grid, {len(grid) - len(todo)} already done, {len(todo)} to run", flush=True)
+        for index, (mode, seed, method) in enumerate(todo, 1):
+            print(f"[{index}/{len(todo)}] {args.dataset} / {mode} / {args.regime} / {method} / seed {seed}", flush=True)
+            if method == "popularity":
+                run = popularity(args, data_root, seed)
+            else:
+                training, flags = method_flags(args, method, mode)
+                name = f"{args.regime.rstrip('%')}-{method}-{seed}"
+                run = run_finetune_quality(args, data_root, mode, seed, name, {}, training, flags)
+            run.update(method=method, regime=args.regime, pretrained=str(args.pretrained))
+            runs = [*(json.loads(runs_path.read_text())["runs"] if runs_path.exists() else []), run]
+            write_json_atomically(runs_path, {"runs": runs})
+            write_summary(args, runs)
+            print(f"    test NDCG@10 {run['test']['ndcg@10']:.4f}  HR@10 {run['test']['hr@10']:.4f}", flush=True)
+    write_summary(args, runs)
+    print(f"written: {runs_path}, {args.output_dir / 'transfer.json'}, {args.output_dir / 'transfer.md'}")
+
+
+def write_summary(args, runs: list[dict]) -> None:
+    records = summarise(runs)
+    header = run_header()
+    payload = {"meta": {**header, "pretrained": str(args.pretrained)}, "records": records}
+    write_json_atomically(args.output_dir / "transfer.json", payload)
+    write_text_atomically(args.output_dir / "transfer.md", render(records, header, str(args.pretrained)))
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    main()
+    sys.exit(main())

@@ -308,6 +308,21 @@ def load_atomic_dataset(
     return dataset
 
 
+def subsample_training_users(dataset: DatasetDict, fraction: float, seed: int) -> DatasetDict:
+    """Keep the train rows of a random `fraction` of the users (at least one), drawn with `seed`; valid and
+    test keep every user. The low-data regime: fewer users to learn from, the same users to rank."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_users_fraction={fraction!r} is invalid; allowed: a float in (0, 1].")
+    if fraction == 1.0:
+        return dataset
+    users = np.unique(np.asarray(dataset["train"].with_format("numpy")[:]["user"]))
+    count = max(1, round(fraction * len(users)))
+    kept = np.random.default_rng(seed).choice(users, size=count, replace=False)
+    train = dataset["train"].with_format("numpy")
+    rows = np.nonzero(np.isin(train[:]["user"], kept))[0]
+    return DatasetDict({**dataset, "train": dataset["train"].select(rows)})
+
+
 def dataset_statistics(dataset: DatasetDict, num_items: int) -> dict[str, float]:
     """Counts a user would check against the paper's table (reference §2.5)."""
     test = dataset["test"]

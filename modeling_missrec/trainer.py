@@ -168,6 +168,17 @@ class DataArguments:
         default=512, metadata={"help": "Width of a raw image feature file (.npy files carry their own)."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where the parsed splits are cached."})
+    train_users_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Train on the rows of this share of the users, drawn with the seed (valid and test keep every "
+            "user): the low-data regime, e.g. 0.1."
+        },
+    )
+
+    def __post_init__(self):
+        if not 0.0 < self.train_users_fraction <= 1.0:
+            raise ValueError(f"train_users_fraction={self.train_users_fraction!r} is invalid; allowed: (0, 1].")
 
     def feature_files(self) -> dict[str, str]:
         files = {"text": self.text_features, "image": self.image_features}
