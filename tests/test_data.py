@@ -686,3 +686,24 @@ def test_the_short_batch_comes_last_so_sharding_over_processes_loses_nothing():
             i for round_start in range(0, len(batches), 2) for b in batches[round_start : round_start + 2] for i in b
         ]
         assert sorted(seen) == list(range(1000))
+
+
+def test_low_data_regime_keeps_a_share_of_the_training_users_and_every_evaluation_user(tmp_path):
+    from test_trainer import write_planted_dataset
+
+    folder = write_planted_dataset(tmp_path / "data", num_users=200)
+    dataset = data_module.load_atomic_dataset(folder, cache_dir=tmp_path / "cache")
+    small = data_module.subsample_training_users(dataset, 0.1, seed=3)
+    users = set(np.asarray(small["train"][:]["user"]).tolist())
+    assert len(users) == 20
+    every = np.asarray(dataset["train"][:]["user"])
+    assert len(small["train"]) == int(np.isin(every, list(users)).sum())  # all the rows of the kept users
+    for split in ("valid", "test"):
+        assert small[split][:] == dataset[split][:]
+    again = data_module.subsample_training_users(dataset, 0.1, seed=3)
+    assert set(np.asarray(again["train"][:]["user"]).tolist()) == users
+    other = data_module.subsample_training_users(dataset, 0.1, seed=4)
+    assert set(np.asarray(other["train"][:]["user"]).tolist()) != users
+    assert data_module.subsample_training_users(dataset, 1.0, seed=3) is dataset
+    with pytest.raises(ValueError, match=r"train_users_fraction=0\.0 is invalid; allowed: a float in \(0, 1\]"):
+        data_module.subsample_training_users(dataset, 0.0, seed=3)
