@@ -41,6 +41,8 @@ from .modeling_missrec import MissrecForPreTraining, MissrecForSequentialRecomme
 
 logger = logging.getLogger(__name__)
 
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
 CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "best_model"
 STATE_FILE = "trainer_state.json"
@@ -68,7 +70,18 @@ class TrainingArguments:
     train_batch_size: int = field(default=512, metadata={"help": "Training batch size per step, over all processes."})
     eval_batch_size: int = field(default=1024, metadata={"help": "Users per evaluation batch, over all processes."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate."})
-    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay (L2, as torch.optim.Adam)."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "Weight decay: L2 in the gradient with adam, decoupled with adamw."}
+    )
+    optimizer: str = field(default="adam", metadata={"help": "adam (the original's) or adamw (decoupled decay)."})
+    lr_scheduler_type: str = field(
+        default="constant",
+        metadata={
+            "help": "Learning-rate schedule over num_train_epochs (transformers' get_scheduler): constant (the "
+            "original's), linear, cosine or constant_with_warmup."
+        },
+    )
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of the scheduled steps spent warming up."})
     seed: int = field(default=2020, metadata={"help": "Seeds python, numpy, torch, batch order and k-means."})
     early_stopping_patience: int = field(
         default=10, metadata={"help": "Stop after this many evaluations without reaching the best (ties improve)."}
@@ -129,6 +142,14 @@ class TrainingArguments:
             raise ValueError(f"eval_min_fill={self.eval_min_fill} is invalid; allowed: a float in [0, 1].")
         if not isinstance(self.length_group_batches, int) or self.length_group_batches < 1:
             raise ValueError(f"length_group_batches={self.length_group_batches!r} is invalid; allowed: an int >= 1.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is invalid; allowed: {list(OPTIMIZERS)}.")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise ValueError(
+                f"lr_scheduler_type={self.lr_scheduler_type!r} is invalid; allowed: {list(LR_SCHEDULERS)}."
+            )
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio!r} is invalid; allowed: a float in [0, 1).")
 
     @property
     def group_factor(self) -> int:
@@ -627,7 +648,9 @@ class _AcceleratedLoop:
         trainable = [p for p in model.parameters() if p.requires_grad]
         # The fused kernel updates each tensor in one pass (CPU and CUDA); the per-tensor loop it replaces
         # made ~20% of a CPU step on Office, most of it the dense update of the ID table.
-        self.optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+        optimizer = torch.optim.AdamW if getattr(args, "optimizer", "adam") == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+        self.scheduler = None  # a subclass with a schedule builds it once it knows the epoch length
         base = model.get_base_model() if _is_peft(model) else model
         # A batch-summed regulariser counts the whole optimiser batch (all processes, all micro-batches).
         base.summed_loss_scale = world * args.gradient_accumulation_steps
@@ -756,6 +779,8 @@ class _AcceleratedLoop:
                 self.accelerator.backward(loss)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.scheduler is not None and self.accelerator.sync_gradients:
+                    self.scheduler.step()
             total += loss.detach()  # no .item(): no host sync per step
             steps += 1
             samples += batch["input_ids"].shape[0]
@@ -794,9 +819,28 @@ class MissrecTrainer(_AcceleratedLoop):
         self.prepared_model, self.optimizer, self.train_loader, self.valid_loader, self.test_loader = (
             self.accelerator.prepare(model, self.optimizer, self.train_loader, self.valid_loader, self.test_loader)
         )
+        if args.lr_scheduler_type != "constant" or args.warmup_ratio:
+            self.scheduler = self._build_scheduler()
 
     def compute_loss(self, model, batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    def _build_scheduler(self):
+        """The schedule over `num_train_epochs` optimiser steps of this process's loader, stepped by hand after
+        each synchronised step (not through `accelerator.prepare`, which would step it once per process)."""
+        from transformers import get_scheduler
+
+        args = self.args
+        per_epoch = len(self.train_loader)
+        if args.max_steps_per_epoch is not None:
+            per_epoch = min(per_epoch, args.max_steps_per_epoch)
+        total = max(1, args.num_train_epochs * math.ceil(per_epoch / args.gradient_accumulation_steps))
+        scheduler = get_scheduler(
+            args.lr_scheduler_type, self.optimizer.optimizer, num_warmup_steps=round(args.warmup_ratio * total),
+            num_training_steps=total,
+        )  # fmt: skip
+        self.accelerator.register_for_checkpointing(scheduler)
+        return scheduler
 
     def _evaluate(self, loader: DataLoader, description: str):
         return evaluate_ranking(

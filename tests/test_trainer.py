@@ -186,3 +186,55 @@ def test_multi_process_evaluation_refuses_batches_of_unequal_size(tmp_path):
         else:  # gets past the check, to the gather a real process group would do
             with pytest.raises(AttributeError, match="gather_for_metrics"):
                 evaluate_ranking(model, sharded, two_processes)
+
+
+def test_a_learning_rate_schedule_runs_over_the_epochs_and_resumes_exactly(tmp_path):
+    from unittest import mock
+
+    folder = write_planted_dataset(tmp_path / "data")
+    schedule = dict(num_train_epochs=4, lr_scheduler_type="linear", warmup_ratio=0.25, optimizer="adamw")
+    straight = make_trainer(folder, tmp_path / "straight", **schedule, weight_decay=0.01)
+    per_epoch = len(straight.train_loader)
+    seen = []
+    scheduler_class = type(straight.scheduler)
+    real_step = scheduler_class.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.optimizer.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    with mock.patch.object(scheduler_class, "step", recording_step):
+        straight.train()
+    assert isinstance(straight.optimizer.optimizer, torch.optim.AdamW)
+    total, warmup = 4 * per_epoch, per_epoch  # warmup_ratio 0.25 of 4 epochs
+    assert len(seen) == total
+    assert seen[0] == 0.0 and seen[warmup] == pytest.approx(5e-3)  # warms up from 0 to the learning rate ...
+    assert seen[-1] == pytest.approx(5e-3 / (total - warmup))  # ... then decays linearly towards 0
+    assert straight.optimizer.param_groups[0]["lr"] == 0.0
+
+    resumed_dir = tmp_path / "resumed"
+    killed = make_trainer(folder, resumed_dir, **schedule, weight_decay=0.01)
+    real = killed.cluster_and_train
+
+    def die_at_the_third_epoch(epoch, *args):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(epoch, *args)
+
+    with mock.patch.object(killed, "cluster_and_train", side_effect=die_at_the_third_epoch):
+        with pytest.raises(KeyboardInterrupt):
+            killed.train()
+    make_trainer(folder, resumed_dir, **schedule, weight_decay=0.01, resume_from_checkpoint="latest").train()
+    a = load_file(str(tmp_path / "straight" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(resumed_dir / "checkpoint" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_bad_optimiser_and_schedule_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"optimizer='sgd' is invalid; allowed: \['adam', 'adamw'\]"):
+        TrainingArguments(output_dir=str(tmp_path), optimizer="sgd")
+    with pytest.raises(ValueError, match="lr_scheduler_type='cosine_restarts' is invalid"):
+        TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="cosine_restarts")
+    with pytest.raises(ValueError, match=r"warmup_ratio=1\.0 is invalid"):
+        TrainingArguments(output_dir=str(tmp_path), warmup_ratio=1.0)
