@@ -209,7 +209,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
         model_name_or_path=args.model_name_or_path,
         finetune_method=args.finetune_method,
     )
-    training_args = TrainingArguments(
+    settings = dict(
         output_dir=str(run_dir),
         num_train_epochs=args.num_train_epochs,
         train_batch_size=args.train_batch_size,
@@ -221,8 +221,8 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
         mixed_precision=args.mixed_precision,
         report_to="none",
         disable_tqdm=True,
-        **args.training_settings,
     )
+    training_args = TrainingArguments(**{**settings, **args.training_settings})  # the overrides win
     started = time.perf_counter()
     dataset = load_atomic_dataset(data_args.resolved_data_dir(), data_args.dataset_name, data_args.cache_dir)
     dataset = subsample_training_users(dataset, data_args.train_users_fraction, args.seed)

@@ -86,6 +86,29 @@ CONFIGS: dict[str, dict] = {
         "model": {**ORIGINAL_REGULARISER, **ORIGINAL_MISSING, **ORIGINAL_KMEANS},
         "training": ORIGINAL_BATCHES,
     },
+    # Levers past the paper (screened on scientific_mm, chosen on validation only).
+    "temperature_0.05": {"about": "softmax temperature 0.05 (0.07)", "model": {"temperature": 0.05}, "training": {}},
+    "temperature_0.1": {"about": "softmax temperature 0.1 (0.07)", "model": {"temperature": 0.1}, "training": {}},
+    "dropout_0.3": {
+        "about": "hidden and attention dropout 0.3 (0.5)",
+        "model": {"hidden_dropout_prob": 0.3, "attention_dropout_prob": 0.3},
+        "training": {},
+    },
+    "adamw_0.01": {
+        "about": "AdamW with decoupled weight decay 0.01 (Adam, no decay)",
+        "model": {},
+        "training": {"optimizer": "adamw", "weight_decay": 0.01},
+    },
+    "cosine_60": {
+        "about": "cosine learning-rate decay over at most 60 epochs, 5% warm-up (constant over 300)",
+        "model": {},
+        "training": {"lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "num_train_epochs": 60},
+    },
+    "interests_1.0": {
+        "about": "interest ratio 1.0: K = every item token (0.5)",
+        "model": {"interest_ratio": 1.0},
+        "training": {},
+    },
     "default_bf16": {
         "about": "the defaults with bf16 autocast in training",
         "model": {},
