@@ -16,6 +16,8 @@ Scenarios:
                 prefix of each user's history; --length_split test gives whole histories), batched by the
                 trainer's `LengthGroupedBatchSampler` (group_factor 50) and padded by `HistoryDataset` to each
                 batch's own longest history, as in training;
+  real_pool4    the same lengths sorted only within pools of 4 batches (`length_group_batches=4`), so that
+                users and lengths mix in a batch;
   real_random   the same lengths in plain random batches (group_factor 1), so the gain of grouping shows.
 
 k-means: `modeling_missrec.interests.kmeans` with each `--kmeans_init` seeding (on a subsample of 32 K points; at
@@ -56,7 +58,8 @@ from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
 from modeling_missrec import interests as interests_module
 from modeling_missrec.data import HistoryDataset, LengthGroupedBatchSampler, read_index_file, read_inter_file
 
-SCENARIOS = ("fixed50", "real_grouped", "real_random")
+SCENARIOS = ("fixed50", "real_grouped", "real_pool4", "real_random")
+GROUP_FACTORS = {"real_grouped": 50, "real_pool4": 4}  # batches per length-sorted pool; others random
 LENGTHS_DATA_DIR = REPO_ROOT / "data" / "scientific_mm"
 LENGTHS_DATASET = "Scientific"
 
@@ -186,7 +189,7 @@ def make_batches(scenario: str, args, lengths_pool: np.ndarray, max_len: int) ->
         "target": rng.integers(1, args.num_items + 1, size=rows, dtype=np.int64),
     }
     dataset = HistoryDataset(split, max_len)
-    group_factor = 50 if scenario == "real_grouped" else 1
+    group_factor = GROUP_FACTORS.get(scenario, 1)
     sampler = LengthGroupedBatchSampler(
         dataset.lengths, args.batch_size, shuffle=True, seed=args.seed, group_factor=group_factor
     )
