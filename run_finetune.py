@@ -22,6 +22,7 @@ from pathlib import Path
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
+from modeling_missrec.cli import run_command
 from modeling_missrec.data import dataset_statistics, load_atomic_dataset, load_item_catalog, subsample_training_users
 from modeling_missrec.recommend import model_card, push_to_hub
 from modeling_missrec.trainer import (
@@ -88,4 +89,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

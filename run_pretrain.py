@@ -20,6 +20,7 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
+from modeling_missrec.cli import run_command
 from modeling_missrec.data import load_pretraining_corpus
 from modeling_missrec.trainer import (
     MissrecPretrainer,
@@ -73,4 +74,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

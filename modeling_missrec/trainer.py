@@ -42,10 +42,42 @@ from .modeling_missrec import MissrecForPreTraining, MissrecForSequentialRecomme
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw")
+PRECISIONS = ("no", "fp16", "bf16")
+TRACKERS = ("auto", "none", "tensorboard")
 LR_SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
 CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "best_model"
 STATE_FILE = "trainer_state.json"
+
+
+def _check(name: str, value, is_valid, allowed: str) -> None:
+    """Raise `ValueError` naming the argument, its value and what is allowed, unless `is_valid(value)`."""
+    try:
+        ok = bool(is_valid(value))
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_loop_arguments(args) -> None:
+    """The checks the fine-tuning and pre-training arguments share (both loops read these fields)."""
+    for name in ("num_train_epochs", "train_batch_size", "gradient_accumulation_steps", "length_group_batches"):
+        _check(name, getattr(args, name), lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    _check("learning_rate", args.learning_rate, lambda v: 0 < v < math.inf, "a float > 0")
+    _check("weight_decay", args.weight_decay, lambda v: 0 <= v < math.inf, "a float >= 0")
+    _check("mixed_precision", args.mixed_precision, PRECISIONS.__contains__, f"one of {list(PRECISIONS)}")
+    _check("report_to", args.report_to, TRACKERS.__contains__, f"one of {list(TRACKERS)}")
+    _check("dataloader_num_workers", args.dataloader_num_workers, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check("num_threads", args.num_threads, lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1")
+    _check(
+        "max_steps_per_epoch", args.max_steps_per_epoch, lambda v: v is None or (_is_int(v) and v >= 0),
+        "an integer >= 0",
+    )  # fmt: skip
 
 
 @dataclass
@@ -134,6 +166,18 @@ class TrainingArguments:
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
 
     def __post_init__(self):
+        _check_loop_arguments(self)
+        _check("eval_batch_size", self.eval_batch_size, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        _check("eval_block_size", self.eval_block_size, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        _check("early_stopping_patience", self.early_stopping_patience, lambda v: _is_int(v) and v >= 0,
+               "an integer >= 0 (evaluations without improvement before stopping)")  # fmt: skip
+        _check("metric_cutoff_offset", self.metric_cutoff_offset, (0, 1).__contains__,
+               "0 (standard @K) or 1 (the original code's @K+1)")  # fmt: skip
+        _check(
+            "eval_ks", self.eval_ks,
+            lambda v: isinstance(v, list) and v and all(_is_int(k) and k >= 1 for k in v) and len(set(v)) == len(v),
+            "a list of distinct integers >= 1, e.g. [10, 50]",
+        )  # fmt: skip
         self.metric_for_best_model = self.metric_for_best_model.lower()
         allowed = [f"{name}@{k}" for k in self.eval_ks for name in ("hr", "recall", "ndcg")] + ["mrr"]
         if self.metric_for_best_model not in allowed:
@@ -248,6 +292,16 @@ class ModelArguments:
             raise ValueError(f"mode={self.mode!r} is invalid; allowed: 'transductive' or 'inductive'.")
         if self.finetune_method not in FINETUNE_METHODS:
             raise ValueError(f"finetune_method={self.finetune_method!r} is invalid; allowed: {list(FINETUNE_METHODS)}.")
+        if self.finetune_method != "full" and self.model_name_or_path is None:
+            raise ValueError(
+                f"finetune_method={self.finetune_method!r} needs model_name_or_path (a pre-trained MISSRec): "
+                "without one it would freeze or adapt a random backbone; allowed without it: 'full'."
+            )
+        _check("lora_rank", self.lora_rank, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        _check("lora_alpha", self.lora_alpha, lambda v: v > 0, "a number > 0")
+        _check("lora_dropout", self.lora_dropout, lambda v: 0 <= v < 1, "a float in [0, 1)")
+        _check("interest_ratio", self.interest_ratio, lambda v: 0 < v <= 1, "a float in (0, 1]")
+        check_config_overrides(parse_overrides(self.config_overrides))
         if self.model_name_or_path is not None:
             self.model_name_or_path = _expand_path(self.model_name_or_path, "model_name_or_path")
 
@@ -274,9 +328,41 @@ def parse_config_and_flags(dataclass_types: tuple, argv: list[str], default_conf
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ValueError(f"{config_path}: unknown settings {unknown}; see --help for the valid names")
+        _check_setting_types(settings, dataclass_types, config_path)
         parser.set_defaults(**settings)
     *parsed, _ = parser.parse_args_into_dataclasses(argv)
     return (*parsed, config_path)
+
+
+def _check_setting_types(settings: Mapping, dataclass_types: tuple, source: str) -> None:
+    """Each YAML value has its field's type (`eval_ks: 10` where a list belongs fails here, naming the file and
+    the setting, not deep inside the run)."""
+    import types
+    import typing
+
+    hints = {}
+    for klass in dataclass_types:
+        hints.update(typing.get_type_hints(klass))
+
+    def matches(value, hint) -> bool:
+        origin = typing.get_origin(hint)
+        if origin in (typing.Union, types.UnionType):
+            return any(matches(value, option) for option in typing.get_args(hint))
+        if hint is type(None):
+            return value is None
+        if origin is list:
+            (item,) = typing.get_args(hint) or (typing.Any,)
+            return isinstance(value, list) and all(matches(v, item) for v in value)
+        if hint is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if hint is int:
+            return _is_int(value)
+        return hint is typing.Any or isinstance(value, hint)
+
+    for name, value in settings.items():
+        if name in hints and not matches(value, hints[name]):
+            expected = str(hints[name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise ValueError(f"{source}: setting {name}: {value!r} is not of the expected type {expected}")
 
 
 def configure_logging(disable_progress: bool = False) -> None:
@@ -286,6 +372,17 @@ def configure_logging(disable_progress: bool = False) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if disable_progress:
         transformers.utils.logging.disable_progress_bar()
+
+
+def check_config_overrides(overrides: Mapping) -> None:
+    """Refuse a `config_overrides` name that is no MissrecConfig field (a typo would be stored and ignored)."""
+    from .configuration_missrec import MissrecConfig
+
+    known = {name for klass in MissrecConfig.__mro__ for name in getattr(klass, "__annotations__", {})}
+    unknown = sorted(set(overrides) - known - {"num_items", "modalities"})
+    if unknown:
+        fields = sorted(n for n in MissrecConfig.__annotations__)
+        raise ValueError(f"config_overrides: unknown MissrecConfig field(s) {unknown}; allowed: {fields}")
 
 
 def parse_overrides(text: str | None) -> dict:
@@ -1004,6 +1101,13 @@ class PretrainingArguments:
         },
     )
 
+    def __post_init__(self):
+        _check_loop_arguments(self)
+        _check("eval_batch_size", self.eval_batch_size, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        _check("save_every_epochs", self.save_every_epochs, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+        _check("word_drop_ratio", self.word_drop_ratio, lambda v: 0 <= v <= 1, "a float in [0, 1]")
+        _check("zero_shot_interest_ratio", self.zero_shot_interest_ratio, lambda v: 0 < v <= 1, "a float in (0, 1]")
+
 
 @dataclass
 class PretrainDataArguments:
@@ -1074,6 +1178,10 @@ class PretrainModelArguments:
     config_overrides: str | None = field(
         default=None, metadata={"help": "Other MissrecConfig fields, 'name=value,name=value'."}
     )
+
+    def __post_init__(self):
+        _check("interest_ratio", self.interest_ratio, lambda v: 0 < v <= 1, "a float in (0, 1]")
+        check_config_overrides(parse_overrides(self.config_overrides))
 
 
 def build_pretraining_model(model_args: PretrainModelArguments, corpus: PretrainingCorpus) -> MissrecForPreTraining:

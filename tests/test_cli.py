@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,68 @@ def test_an_unknown_early_stopping_metric_fails_before_training():
     with pytest.raises(ValueError, match="metric_for_best_model='ndcg@20' is invalid"):
         TrainingArguments(metric_for_best_model="NDCG@20")
     assert TrainingArguments(metric_for_best_model="NDCG@50").metric_for_best_model == "ndcg@50"
+
+
+BAD_FINETUNE_ARGUMENTS = [
+    (["--early_stopping_patience", "-1"], "early_stopping_patience=-1 is invalid; allowed: an integer >= 0"),
+    (["--config_overrides", "hiden_size=64"], "unknown MissrecConfig field(s) ['hiden_size']"),
+    (["--metric_cutoff_offset", "2"], "metric_cutoff_offset=2 is invalid; allowed: 0 (standard @K) or 1"),
+    (["--train_batch_size", "0"], "train_batch_size=0 is invalid; allowed: an integer >= 1"),
+    (["--eval_batch_size", "0"], "eval_batch_size=0 is invalid; allowed: an integer >= 1"),
+    (["--finetune_method", "frozen"], "finetune_method='frozen' needs model_name_or_path"),
+    (["--report_to", "wandbx"], "report_to='wandbx' is invalid; allowed: one of ['auto', 'none', 'tensorboard']"),
+    (["--learning_rate", "0"], "learning_rate=0.0 is invalid; allowed: a float > 0"),
+    (["--mixed_precision", "fp8"], "mixed_precision='fp8' is invalid; allowed: one of ['no', 'fp16', 'bf16']"),
+    (["--eval_ks", "10", "10"], "eval_ks=[10, 10] is invalid; allowed: a list of distinct integers >= 1"),
+    (["--lora_rank", "0"], "lora_rank=0 is invalid; allowed: an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_FINETUNE_ARGUMENTS, ids=[f[0][0] for f in BAD_FINETUNE_ARGUMENTS])
+def test_a_meaningless_argument_is_one_line_on_stderr_before_any_data_is_read(flags, message, capsys, tmp_path):
+    from modeling_missrec.cli import run_command
+
+    with mock.patch.object(run_finetune, "load_atomic_dataset", side_effect=AssertionError("data was read")):
+        with pytest.raises(SystemExit) as stop:
+            run_command(run_finetune.main, [*flags, "--output_dir", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("eval_ks: 10\n", "setting eval_ks: 10 is not of the expected type list[int]"),
+        ("learning_rate: [0.1]\n", "setting learning_rate: [0.1] is not of the expected type float"),
+        ("num_train_epochs: 2.5\n", "setting num_train_epochs: 2.5 is not of the expected type int"),
+    ],
+)
+def test_a_yaml_value_of_the_wrong_type_names_the_file_and_the_setting(text, message, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{config}: {message}")):
+        run_finetune.parse_config_and_flags(
+            (DataArguments, ModelArguments, TrainingArguments), ["--config", str(config)], None
+        )
+
+
+def test_the_command_line_prints_one_line_and_the_traceback_only_with_debug(tmp_path):
+    command = [sys.executable, str(ROOT / "run_finetune.py"), "--metric_cutoff_offset", "2"]
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().splitlines()[-1].startswith("error: metric_cutoff_offset=2 is invalid")
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_an_internal_error_keeps_its_traceback():
+    import numpy as np
+
+    from modeling_missrec.cli import run_command
+
+    def broken(argv):
+        np.zeros(2).reshape(3)  # a ValueError raised inside a library, not a user's mistake
+
+    with pytest.raises(ValueError, match="cannot reshape"):
+        run_command(broken, [])
