@@ -69,11 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("trainable parameters: %d (processes: %d)", trainable, trainer.accelerator.num_processes)
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. 'user/missrec-scientific')")
+    mode = "transductive" if model.config.use_item_ids else "inductive"
+    trainer.model_card = lambda metrics: model_card(metrics, Path(data_dir).name, mode, training_args.hub_model_id)
     metrics = trainer.train() if training_args.do_train else trainer.evaluate_without_training()
     if trainer.accelerator.is_main_process:
-        mode = "transductive" if model.config.use_item_ids else "inductive"
-        card = model_card(metrics, Path(data_dir).name, mode, training_args.hub_model_id)
-        (Path(training_args.output_dir) / "README.md").write_text(card)
         print(results_table(metrics, training_args.eval_ks))
         print(f"model, metrics.json, results.md and a model card written to {training_args.output_dir}")
         if training_args.push_to_hub:

@@ -13,6 +13,7 @@ quirk for comparability, it says "As the original".
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
+from .atomic import complete_interrupted_commit
 from .configuration_missrec import MissrecConfig
 from .interests import interest_sets, kmeans, num_interests
 
@@ -270,6 +272,15 @@ class MissrecPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`; a local folder whose last save was killed after all its files
+        were staged is completed first (see `atomic.commit_files`), so the model loaded is one whole save."""
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            complete_interrupted_commit(path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -25,6 +25,14 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast, broadcast
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .atomic import (
+    commit_files,
+    complete_interrupted_commit,
+    hold_lock,
+    recover_directory,
+    replace_directory,
+    staging_dir,
+)
 from .data import (
     HistoryDataset,
     ItemCatalog,
@@ -150,6 +158,10 @@ class TrainingArguments:
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' for <output_dir>/checkpoint."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir that holds another run (its checkpoints are removed)."},
     )
     report_to: str = field(default="auto", metadata={"help": "Tracker: tensorboard, none, or auto (if installed)."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide progress bars."})
@@ -484,6 +496,7 @@ def _load_matching_weights(model, directory: str, raw_item_ids: list[str] | None
     kept only when the saved model's `item_ids.json` lists this very catalogue."""
     from safetensors.torch import load_file
 
+    complete_interrupted_commit(directory)
     path = Path(directory) / "model.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"model_name_or_path: {path} not found (a local save_pretrained folder is needed)")
@@ -551,17 +564,6 @@ def _write_json_atomically(path: Path, payload: Mapping) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.write_text(json.dumps(payload, indent=2, default=float))
     os.replace(temporary, path)
-
-
-def _replace_directory(temporary: Path, final: Path) -> None:
-    """Swap a fully written folder into place; the previous one is removed only after the swap."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(temporary, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temporary, final)
 
 
 def refresh_interests(accelerator: Accelerator, model, seed: int, refresh=None) -> int:
@@ -694,6 +696,28 @@ def _make_accelerator(args: TrainingArguments) -> Accelerator:
     )
 
 
+# What a finished or running training leaves in its output folder (logs alone do not count).
+RUN_OUTPUTS = ("config.json", "model.safetensors", "metrics.json", "pretrain_metrics.json", CHECKPOINT_DIR, BEST_DIR)
+
+
+def _claim_output_dir(output_dir: Path, args) -> None:
+    """Refuse to start a new run over another run's results (HF's convention), unless told to resume it or
+    to overwrite it; overwriting first removes its checkpoints, so that nothing of it is picked up later."""
+    if args.resume_from_checkpoint:
+        return
+    found = sorted(n for n in RUN_OUTPUTS if (output_dir / n).exists())
+    found += sorted(p.name for p in output_dir.glob("checkpoint-epoch-*"))
+    if not found:
+        return
+    if not args.overwrite_output_dir:
+        raise ValueError(
+            f"output_dir {output_dir} already holds a run ({', '.join(found)}); pass --resume_from_checkpoint "
+            "latest to continue it, --overwrite_output_dir to start over, or another --output_dir."
+        )
+    for name in (CHECKPOINT_DIR, BEST_DIR, *(p.name for p in output_dir.glob("checkpoint-epoch-*"))):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+
+
 def _use_available_cores(accelerator: Accelerator, num_threads: int | None) -> None:
     """A single CPU process uses every core it may run on: `accelerate launch` exports OMP_NUM_THREADS=1 for
     one process, which halves the speed of the README's command on a 2-core machine."""
@@ -733,6 +757,9 @@ class _AcceleratedLoop:
         self.output_dir = Path(args.output_dir)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            hold_lock(self.output_dir)
+            complete_interrupted_commit(self.output_dir)
+            _claim_output_dir(self.output_dir, args)
         self.model = model
         self.state = TrainerState()
         world = self.accelerator.num_processes
@@ -775,12 +802,15 @@ class _AcceleratedLoop:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(temporary))
         if self.accelerator.is_main_process:
-            _write_json_atomically(temporary / STATE_FILE, asdict(self.state))
-            _replace_directory(temporary, final)
+            _write_json_atomically(temporary / STATE_FILE, asdict(self.state))  # last: marks it complete
+            replace_directory(temporary, final)
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: str) -> None:
         directory = self.output_dir / CHECKPOINT_DIR if path == "latest" else Path(path)
+        if path == "latest" and self.accelerator.is_main_process:  # a kill between the two renames of a swap
+            recover_directory(directory, self.output_dir / f".{CHECKPOINT_DIR}.tmp", STATE_FILE)
+        self.accelerator.wait_for_everyone()
         state_file = directory / STATE_FILE
         if not state_file.exists():
             raise FileNotFoundError(f"resume_from_checkpoint: {state_file} not found (no finished epoch saved there)")
@@ -797,8 +827,11 @@ class _AcceleratedLoop:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             model = self.unwrapped
-            temporary = directory.with_name(f".{directory.name}.tmp")
-            if temporary.exists():
+            # The output folder also holds checkpoints and logs: its model files are committed as one set
+            # (staged inside it, journalled, moved in); any other folder is swapped in whole.
+            in_place = directory == self.output_dir
+            temporary = staging_dir(directory) if in_place else directory.with_name(f".{directory.name}.tmp")
+            if not in_place and temporary.exists():
                 shutil.rmtree(temporary)
             if _is_peft(model):
                 model.save_pretrained(temporary / "lora_adapter")
@@ -807,18 +840,12 @@ class _AcceleratedLoop:
             else:
                 model.save_pretrained(temporary)
             torch.save(model.state_dict(), temporary / "training_state.pt")
-            for name, text in (extra_files or {}).items():
-                (temporary / name).write_text(text)
-            if directory == self.output_dir:
-                # The output folder also holds checkpoints and logs: swap in the model files one by one.
-                for path in temporary.iterdir():
-                    target = directory / path.name
-                    if path.is_dir() and target.exists():
-                        shutil.rmtree(target)
-                    os.replace(path, target)
-                temporary.rmdir()
+            if in_place:
+                commit_files(directory, temporary, extra_files)
             else:
-                _replace_directory(temporary, directory)
+                for name, text in (extra_files or {}).items():
+                    (temporary / name).write_text(text, encoding="utf-8")
+                replace_directory(temporary, directory)
         self.accelerator.wait_for_everyone()
 
     def load_training_state(self, directory: Path) -> None:
@@ -893,6 +920,7 @@ class MissrecTrainer(_AcceleratedLoop):
     def __init__(self, model, dataset, catalog: ItemCatalog, args: TrainingArguments):
         super().__init__(model, args)
         self.catalog = catalog
+        self.model_card = None  # metrics -> the README.md committed with the final model (run_finetune sets it)
         base = model.get_base_model() if _is_peft(model) else model
         base.check_inputs = False  # the loader validated every row; avoid a host sync per step
         world = self.accelerator.num_processes
@@ -1017,12 +1045,12 @@ class MissrecTrainer(_AcceleratedLoop):
             "zero-shot: no training; %d interests clustered over %d items", self.state.num_interests,
             self.catalog.num_items,
         )  # fmt: skip
-        return self.finish()
+        return self.finish(load_best=False)
 
-    def finish(self) -> dict:
+    def finish(self, load_best: bool = True) -> dict:
         """Reload the best model, evaluate it on valid and test, write the final model and the metrics."""
         best_dir = self.output_dir / BEST_DIR
-        if (best_dir / "training_state.pt").exists():
+        if load_best and (best_dir / "training_state.pt").exists():
             self.load_training_state(best_dir)
         valid, valid_shifted, _ = self._evaluate(self.valid_loader, "valid")
         test, test_shifted, _ = self._evaluate(self.test_loader, "test")
@@ -1039,10 +1067,15 @@ class MissrecTrainer(_AcceleratedLoop):
             "test_at_k_plus_1": test_shifted,
             "history": self.state.history,
         }
-        self.save_model(self.output_dir, self._item_ids_file())
-        if self.accelerator.is_main_process:
-            _write_json_atomically(self.output_dir / "metrics.json", metrics)
-            (self.output_dir / "results.md").write_text(results_table(metrics, self.args.eval_ks))
+        # The metrics and the model card describe these weights: they are committed with them, as one set.
+        extra = {
+            **self._item_ids_file(),
+            "metrics.json": json.dumps(metrics, indent=2, default=float),
+            "results.md": results_table(metrics, self.args.eval_ks),
+        }
+        if self.model_card is not None:
+            extra["README.md"] = self.model_card(metrics)
+        self.save_model(self.output_dir, extra)
         if self.accelerator.log_with:
             self.accelerator.end_training()
         return metrics
@@ -1089,6 +1122,10 @@ class PretrainingArguments:
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers (feature gathering)."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' for <output_dir>/checkpoint."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir that holds another run (its checkpoints are removed)."},
     )
     report_to: str = field(default="auto", metadata={"help": "Tracker: tensorboard, none, or auto (if installed)."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide progress bars."})
@@ -1304,15 +1341,13 @@ class MissrecPretrainer(_AcceleratedLoop):
             if args.save_every_epochs and state.epoch % args.save_every_epochs == 0:
                 self.save_model(self.output_dir / f"checkpoint-epoch-{state.epoch}")
             self.save_checkpoint()
-        self.save_model(self.output_dir)
         summary = {
             "epochs_run": len(state.history),
             "num_processes": self.accelerator.num_processes,
             "seconds_per_epoch": state.train_seconds / max(len(state.history), 1),
             "history": state.history,
         }
-        if self.accelerator.is_main_process:
-            _write_json_atomically(self.output_dir / "pretrain_metrics.json", summary)
+        self.save_model(self.output_dir, {"pretrain_metrics.json": json.dumps(summary, indent=2, default=float)})
         if self.accelerator.log_with:
             self.accelerator.end_training()
         return summary
