@@ -266,6 +266,29 @@ class MissrecInterestTokenizer(nn.Module):
         self.item_interest_ids = item_interest_ids.to(self.item_interest_ids.device)
 
 
+def _config_mismatch(cls, path, config=None) -> str:
+    """One line for a `config.json` that disagrees with `model.safetensors`: the first tensor whose shape
+    differs and the config fields whose value is the dimension that differs."""
+    from safetensors import safe_open
+
+    config = config or cls.config_class.from_pretrained(path)
+    with torch.device("meta"):
+        expected = cls(config).state_dict()
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as handle:
+        for key in handle.keys():
+            saved = tuple(handle.get_slice(key).get_shape())
+            if key in expected and tuple(expected[key].shape) != saved:
+                wanted = tuple(expected[key].shape)
+                dims = {w for w, s in zip(wanted, saved) if w != s} if len(wanted) == len(saved) else set(wanted)
+                fields = [f"{n}={v}" for n, v in config.to_dict().items() if isinstance(v, int) and v in dims]
+                fields = [f for f in fields if not f.startswith(("return_dict", "use_"))]
+                return (
+                    f"{path}: config.json disagrees with model.safetensors ({', '.join(fields) or 'a size field'}): "
+                    f"{key} is {list(saved)} in the file, {list(wanted)} for config.json's settings."
+                )
+    return f"{path}: config.json disagrees with model.safetensors (a tensor shape differs)."
+
+
 class MissrecPreTrainedModel(PreTrainedModel):
     config_class = MissrecConfig
     base_model_prefix = "missrec"
@@ -275,12 +298,35 @@ class MissrecPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """As `PreTrainedModel.from_pretrained`; a local folder whose last save was killed after all its files
-        were staged is completed first (see `atomic.commit_files`), so the model loaded is one whole save."""
+        """As `PreTrainedModel.from_pretrained`, but a broken folder is an error, not a model:
+
+        - a local folder whose last save was killed after all its files were staged is completed first (see
+          `atomic.commit_files`), so the model loaded is one whole save;
+        - weights missing from the file (which would start random) are an error naming them, unless
+          `ignore_mismatched_sizes=True`;
+        - a `config.json` that disagrees with the weights is one line naming the field and a tensor;
+        - a NaN or infinite weight or buffer is an error naming the tensor."""
         path = pretrained_model_name_or_path
-        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        local = isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
+        if local:
             complete_interrupted_commit(path)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        except RuntimeError as error:
+            if local and "ignore_mismatched_sizes" in str(error):
+                raise ValueError(_config_mismatch(cls, path, kwargs.get("config"))) from error
+            raise
+        if info["missing_keys"] and not kwargs.get("ignore_mismatched_sizes"):
+            missing = sorted(info["missing_keys"])
+            raise ValueError(
+                f"{path}: the weights file lacks {len(missing)} tensor(s) of this configuration ({missing[:5]}); "
+                "they would start random. The file is incomplete or from another model."
+            )
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{path}: tensor {name} holds NaN or infinite values; the model is broken.")
+        return (model, info) if wants_info else model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

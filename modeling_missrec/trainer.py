@@ -557,6 +557,7 @@ class TrainerState:
     epochs_without_improvement: int = 0
     num_interests: int = 0
     history: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # what a resume must not change (RESUME_SETTINGS)
     train_seconds: float = 0.0
 
 
@@ -696,6 +697,38 @@ def _make_accelerator(args: TrainingArguments) -> Accelerator:
     )
 
 
+# Arguments a resumed run must share with the run it continues: any of them changes the result. (The number of
+# epochs may grow under a constant learning rate; evaluation batch sizes and threads change no rank.)
+RESUME_SETTINGS = (
+    "learning_rate", "weight_decay", "optimizer", "lr_scheduler_type", "warmup_ratio", "train_batch_size",
+    "gradient_accumulation_steps", "seed", "group_by_length", "length_group_batches", "mixed_precision",
+    "metric_for_best_model", "eval_ks", "metric_cutoff_offset", "exclude_history", "max_steps_per_epoch",
+    "augment", "word_drop_ratio",
+)  # fmt: skip
+CHECKSUMS_FILE = "checksums.json"
+
+
+def _resume_settings(args) -> dict:
+    settings = {name: getattr(args, name) for name in RESUME_SETTINGS if hasattr(args, name)}
+    if getattr(args, "lr_scheduler_type", "constant") != "constant":
+        settings["num_train_epochs"] = args.num_train_epochs  # the schedule spans them
+    return settings
+
+
+def _file_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (relative names), to tell a damaged checkpoint from a whole one."""
+    import hashlib
+
+    sums = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (STATE_FILE, CHECKSUMS_FILE)):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        sums[str(path.relative_to(folder))] = digest.hexdigest()
+    return sums
+
+
 # What a finished or running training leaves in its output folder (logs alone do not count).
 RUN_OUTPUTS = ("config.json", "model.safetensors", "metrics.json", "pretrain_metrics.json", CHECKPOINT_DIR, BEST_DIR)
 
@@ -802,6 +835,7 @@ class _AcceleratedLoop:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(temporary))
         if self.accelerator.is_main_process:
+            _write_json_atomically(temporary / CHECKSUMS_FILE, _file_checksums(temporary))
             _write_json_atomically(temporary / STATE_FILE, asdict(self.state))  # last: marks it complete
             replace_directory(temporary, final)
         self.accelerator.wait_for_everyone()
@@ -814,7 +848,27 @@ class _AcceleratedLoop:
         state_file = directory / STATE_FILE
         if not state_file.exists():
             raise FileNotFoundError(f"resume_from_checkpoint: {state_file} not found (no finished epoch saved there)")
+        if (directory / CHECKSUMS_FILE).exists():
+            saved, found = json.loads((directory / CHECKSUMS_FILE).read_text()), _file_checksums(directory)
+            damaged = sorted(name for name in saved if found.get(name) != saved[name])
+            if damaged:
+                raise ValueError(
+                    f"resume_from_checkpoint: {directory / damaged[0]} is missing or damaged (its checksum "
+                    f"differs from the one saved with it{'; also ' + ', '.join(damaged[1:]) if damaged[1:] else ''})"
+                    "; resume from an intact checkpoint or start over with --overwrite_output_dir."
+                )
         self.state = TrainerState(**json.loads(state_file.read_text()))
+        now = _resume_settings(self.args)
+        changed = [
+            f"{n}: {self.state.settings[n]!r} -> {now[n]!r}"
+            for n in now
+            if self.state.settings.get(n, now[n]) != now[n]
+        ]  # noqa: E501
+        if changed:
+            raise ValueError(
+                f"resume_from_checkpoint: the checkpoint was trained with other settings ({'; '.join(changed)}); "
+                "resume with the same ones, or start a new run in another output_dir."
+            )
         _resize_interest_state(self.unwrapped, self.state.num_interests)
         self.accelerator.load_state(str(directory))
         self.log("resumed from %s after epoch %d", directory, self.state.epoch)
@@ -986,6 +1040,8 @@ class MissrecTrainer(_AcceleratedLoop):
         args = self.args
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
+        else:
+            self.state.settings = _resume_settings(args)
         state = self.state
         self.start_trackers("missrec_finetune")
         metric = args.metric_for_best_model
@@ -1309,6 +1365,8 @@ class MissrecPretrainer(_AcceleratedLoop):
         args = self.args
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
+        else:
+            self.state.settings = _resume_settings(args)
         state = self.state
         self.start_trackers("missrec_pretrain")
         self.log(

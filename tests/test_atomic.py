@@ -209,3 +209,15 @@ def test_two_writers_of_one_output_dir_are_refused(tmp_path):
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert other.returncode != 0
     assert f"is being written by another run (pid {os.getpid()})" in other.stderr
+
+
+def test_a_resume_refuses_a_damaged_checkpoint_and_changed_settings(tmp_path):
+    data = write_planted_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    make_trainer(data, out, num_train_epochs=1).train()
+    with pytest.raises(ValueError, match=r"trained with other settings \(learning_rate: 0\.005 -> 0\.002\)"):
+        make_trainer(data, out, num_train_epochs=2, learning_rate=2e-3, resume_from_checkpoint="latest").train()
+    rng = out / "checkpoint" / "random_states_0.pkl"
+    rng.write_bytes(rng.read_bytes()[:-20])  # truncated: Accelerate alone would log it at INFO and go on
+    with pytest.raises(ValueError, match=r"random_states_0\.pkl is missing or damaged"):
+        make_trainer(data, out, num_train_epochs=2, resume_from_checkpoint="latest").train()

@@ -334,7 +334,7 @@ def test_auto_classes_and_trust_remote_code_rebuild_the_recommender(tmp_path):
     model.save_pretrained(tmp_path)
     config = (tmp_path / "config.json").read_text()
     assert '"auto_map"' in config and "MissrecForSequentialRecommendation" in config
-    for name in ("modeling_missrec.py", "configuration_missrec.py", "interests.py"):
+    for name in ("modeling_missrec.py", "configuration_missrec.py", "interests.py", "atomic.py"):
         assert (tmp_path / name).exists(), f"{name} not copied for trust_remote_code"
     assert isinstance(AutoConfig.from_pretrained(tmp_path), MissrecConfig)
     direct = AutoModel.from_pretrained(tmp_path)
@@ -472,3 +472,34 @@ def test_original_regulariser_pooling_is_exactly_the_originals(mask_missing):
     with torch.no_grad():  # and it is far from the default pooling at the same gamma
         mean = tiny_model(mask_missing_modalities=mask_missing).eval()(input_ids).interest_regularization
     assert float(got) > 2 * float(mean)
+
+
+def test_a_broken_saved_model_is_refused_with_one_line_naming_what_is_wrong(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tiny_model().save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    with pytest.raises(ValueError, match=r"config.json disagrees with model.safetensors \(intermediate_size=48\)"):
+        MissrecForSequentialRecommendation.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    partial = {k: v for k, v in weights.items() if k != "fusion.fusion_factor"}
+    save_file(partial, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\) of this configuration \(\['fusion.fusion_factor'\]\)"):
+        MissrecForSequentialRecommendation.from_pretrained(tmp_path)
+
+    poisoned = dict(weights)
+    poisoned["missrec.position_embeddings.weight"] = poisoned["missrec.position_embeddings.weight"].clone()
+    poisoned["missrec.position_embeddings.weight"][3, 1] = float("nan")
+    save_file(poisoned, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="tensor missrec.position_embeddings.weight holds NaN or infinite values"):
+        MissrecForSequentialRecommendation.from_pretrained(tmp_path)
+
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model, info = MissrecForSequentialRecommendation.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and isinstance(model, MissrecForSequentialRecommendation)
