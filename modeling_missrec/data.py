@@ -72,22 +72,39 @@ class ItemCatalog:
 
 
 # --------------------------------------------------------------------------------------------- readers
+def _text_lines(path: Path, start: int = 1):
+    """(line number, line without its newline) of a UTF-8 text file; a line that is not UTF-8 is an error
+    naming the file and the line, instead of a bare UnicodeDecodeError."""
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=start):
+            try:
+                yield line_number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise AtomicFileError(
+                    f"{path}:{line_number}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})"
+                ) from None
+
+
 def read_index_file(path: str | os.PathLike) -> list[str]:
     """Raw ids of an `.item2index` / `.user2index` file, ordered by their 0-based index."""
     path = Path(path)
     raw_ids: dict[int, str] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
-                raise AtomicFileError(f"{path}:{line_number}: expected 'raw id<TAB>integer index', got {line!r}")
-            index = int(parts[1])
-            if index in raw_ids:
-                raise AtomicFileError(f"{path}:{line_number}: index {index} is assigned twice")
-            raw_ids[index] = parts[0]
+    first_line: dict[str, int] = {}
+    for line_number, line in _text_lines(path):
+        if not line:
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
+            raise AtomicFileError(f"{path}:{line_number}: expected 'raw id<TAB>integer index', got {line!r}")
+        index = int(parts[1])
+        if index in raw_ids:
+            raise AtomicFileError(f"{path}:{line_number}: index {index} is assigned twice")
+        if parts[0] in first_line:
+            raise AtomicFileError(
+                f"{path}:{line_number}: raw id {parts[0]!r} is listed twice (first on line {first_line[parts[0]]})"
+            )
+        first_line[parts[0]] = line_number
+        raw_ids[index] = parts[0]
     expected = set(range(len(raw_ids)))
     if set(raw_ids) != expected:
         missing = sorted(expected - set(raw_ids))[:5]
@@ -99,18 +116,17 @@ def read_text_file(path: str | os.PathLike, raw_item_ids: Sequence[str]) -> list
     """Item texts in index order; an item with no line gets an empty text (counted and logged)."""
     path = Path(path)
     by_raw: dict[str, str] = {}
-    with open(path, encoding="utf-8") as handle:
-        header = handle.readline().rstrip("\n").split("\t")
-        if header != TEXT_HEADER:
-            raise AtomicFileError(f"{path}:1: expected header {TEXT_HEADER}, got {header}")
-        for line_number, line in enumerate(handle, start=2):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            raw, _, text = line.partition("\t")
-            if raw in by_raw:
-                raise AtomicFileError(f"{path}:{line_number}: item {raw!r} has a second text line")
-            by_raw[raw] = text
+    lines = _text_lines(path)
+    header = next(lines, (1, ""))[1].split("\t")
+    if header != TEXT_HEADER:
+        raise AtomicFileError(f"{path}:1: expected header {TEXT_HEADER}, got {header}")
+    for line_number, line in lines:
+        if not line:
+            continue
+        raw, _, text = line.partition("\t")
+        if raw in by_raw:
+            raise AtomicFileError(f"{path}:{line_number}: item {raw!r} has a second text line")
+        by_raw[raw] = text
     texts = [by_raw.get(raw, "") for raw in raw_item_ids]
     missing = sum(raw not in by_raw for raw in raw_item_ids)
     if missing:
@@ -128,37 +144,36 @@ def read_inter_file(path: str | os.PathLike, num_items: int) -> dict[str, np.nda
     targets: list[int] = []
     flat: list[int] = []
     offsets = [0]
-    with open(path, encoding="utf-8") as handle:
-        header = handle.readline().rstrip("\n").split("\t")
-        if header != INTER_HEADER:
-            raise AtomicFileError(f"{path}:1: expected header {INTER_HEADER}, got {header}")
-        for line_number, line in enumerate(handle, start=2):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            fields = line.split("\t")
-            if len(fields) != 3:
-                raise AtomicFileError(f"{path}:{line_number}: expected 3 tab-separated fields, got {len(fields)}")
-            try:
-                user = int(fields[0])
-                history = [int(token) for token in fields[1].split()]
-                target = int(fields[2])
-            except ValueError:
+    lines = _text_lines(path)
+    header = next(lines, (1, ""))[1].split("\t")
+    if header != INTER_HEADER:
+        raise AtomicFileError(f"{path}:1: expected header {INTER_HEADER}, got {header}")
+    for line_number, line in lines:
+        if not line:
+            continue
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise AtomicFileError(f"{path}:{line_number}: expected 3 tab-separated fields, got {len(fields)}")
+        try:
+            user = int(fields[0])
+            history = [int(token) for token in fields[1].split()]
+            target = int(fields[2])
+        except ValueError:
+            raise AtomicFileError(
+                f"{path}:{line_number}: expected integer user, history and target indices, got {line!r}"
+            ) from None
+        if not history:
+            raise AtomicFileError(f"{path}:{line_number}: empty history; every row needs at least one item")
+        for item in (*history, target):
+            if not 0 <= item < num_items:
                 raise AtomicFileError(
-                    f"{path}:{line_number}: expected integer user, history and target indices, got {line!r}"
-                ) from None
-            if not history:
-                raise AtomicFileError(f"{path}:{line_number}: empty history; every row needs at least one item")
-            for item in (*history, target):
-                if not 0 <= item < num_items:
-                    raise AtomicFileError(
-                        f"{path}:{line_number}: item index {item} out of range 0..{num_items - 1} "
-                        f"(the .item2index file lists {num_items} items)"
-                    )
-            users.append(user)
-            targets.append(target + 1)
-            flat.extend(item + 1 for item in history)
-            offsets.append(len(flat))
+                    f"{path}:{line_number}: item index {item} out of range 0..{num_items - 1} "
+                    f"(the .item2index file lists {num_items} items)"
+                )
+        users.append(user)
+        targets.append(target + 1)
+        flat.extend(item + 1 for item in history)
+        offsets.append(len(flat))
     if not users:
         raise AtomicFileError(f"{path}: no interaction rows after the header")
     return {
@@ -180,7 +195,12 @@ def read_feature_file(
     if not path.exists():
         raise AtomicFileError(f"{path}: feature file not found")
     if path.suffix == ".npy":
-        table = np.load(path, mmap_mode="r")
+        try:
+            table = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise AtomicFileError(f"{path}: not a readable .npy array (truncated or damaged?): {error}") from None
+        if not np.issubdtype(table.dtype, np.floating):
+            raise AtomicFileError(f"{path}: dtype {table.dtype}, expected floating-point features (e.g. float32)")
         if table.ndim != 2:
             raise AtomicFileError(f"{path}: expected a 2-D array [items, width], got shape {table.shape}")
         if feature_size is not None and table.shape[1] != feature_size:
@@ -236,7 +256,11 @@ def load_item_catalog(
         catalog.features[modality] = table
         catalog.present[modality] = np.abs(table).sum(axis=1) > 0
         missing = int((~catalog.present[modality]).sum())
-        if missing:
+        if missing == len(raw_ids):
+            logger.warning(
+                "%s: every row is zero, so no item has the %s modality; leave the file out instead", file_name, modality
+            )
+        elif missing:
             logger.info(
                 "%s: %d of %d items lack the %s modality (all-zero rows)", file_name, missing, len(raw_ids), modality
             )
@@ -244,10 +268,13 @@ def load_item_catalog(
 
 
 def _fingerprint(paths: Sequence[Path], extra: str) -> str:
+    """The cache key: the files' contents (not their size and time, which a rewritten file may keep)."""
     digest = hashlib.sha256((_CACHE_VERSION + extra).encode())
     for path in paths:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(str(path.resolve()).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()[:16]
 
 
@@ -273,6 +300,29 @@ def _split_to_dataset(split: dict[str, np.ndarray]) -> Dataset:
     return Dataset.from_dict({"user": split["user"], "history": histories, "target": split["target"]})
 
 
+def _check_evaluation_splits(splits: Mapping[str, dict], paths: Sequence[Path]) -> None:
+    """Leave-one-out valid and test splits hold one row per user: a user twice is an error naming the row; a
+    valid split and a test split of different users (e.g. a truncated file) is worth a warning."""
+    users = {}
+    for index, split in enumerate(SPLITS[1:], start=1):
+        column = splits[split]["user"]
+        unique, first, counts = np.unique(column, return_index=True, return_counts=True)
+        if (counts > 1).any():
+            user = unique[np.argmax(counts > 1)]
+            rows = np.nonzero(column == user)[0][:2] + 2  # file lines: the header is line 1
+            raise AtomicFileError(
+                f"{paths[index]}:{rows[1]}: user {user} has a second row (first on line {rows[0]}); a {split} "
+                "split holds one row per user"
+            )
+        users[split] = set(unique.tolist())
+    if users["valid"] != users["test"]:
+        only_test, only_valid = len(users["test"] - users["valid"]), len(users["valid"] - users["test"])
+        logger.warning(
+            "%s and %s hold different users (%d only in test, %d only in valid; %d in valid in all): is a file "
+            "truncated or from another split?", paths[1], paths[2], only_test, only_valid, len(users["valid"]),
+        )  # fmt: skip
+
+
 def load_atomic_dataset(
     data_dir: str | os.PathLike,
     dataset_name: str | None = None,
@@ -293,9 +343,9 @@ def load_atomic_dataset(
         logger.info("loading the cached dataset from %s", cache_path)
         return load_from_disk(str(cache_path))
     num_items = len(read_index_file(paths[-1]))
-    dataset = DatasetDict(
-        {split: _split_to_dataset(read_inter_file(paths[i], num_items)) for i, split in enumerate(SPLITS)}
-    )
+    splits = {split: read_inter_file(paths[i], num_items) for i, split in enumerate(SPLITS)}
+    _check_evaluation_splits(splits, paths)
+    dataset = DatasetDict({split: _split_to_dataset(rows) for split, rows in splits.items()})
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
         temporary = cache_root / f".tmp-{cache_path.name}-{os.getpid()}"

@@ -707,3 +707,59 @@ def test_low_data_regime_keeps_a_share_of_the_training_users_and_every_evaluatio
     assert data_module.subsample_training_users(dataset, 1.0, seed=3) is dataset
     with pytest.raises(ValueError, match=r"train_users_fraction=0\.0 is invalid; allowed: a float in \(0, 1\]"):
         data_module.subsample_training_users(dataset, 0.0, seed=3)
+
+
+def test_bad_data_is_refused_or_flagged_naming_the_file_and_the_row(tmp_path, caplog):
+    from test_trainer import write_planted_dataset
+
+    folder = write_planted_dataset(tmp_path / "data", num_users=20)
+    load = data_module.load_atomic_dataset
+    load(folder, cache_dir=tmp_path / "cache")
+
+    # the parsed-data cache follows the contents: a rewritten file of the same size and time is re-read
+    valid = folder / "Toy.valid.inter"
+    text, stat = valid.read_text(), valid.stat()
+    first = text.splitlines()[1].split("\t")
+    target = int(first[2])
+    changed_target = str(target + 1 if len(str(target + 1)) == len(first[2]) and target + 1 < 40 else target - 1)
+    assert len(changed_target) == len(first[2])
+    changed = text.replace("\t".join(first), "\t".join([*first[:2], changed_target]), 1)
+    valid.write_text(changed)
+    os.utime(valid, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert load(folder, cache_dir=tmp_path / "cache")["valid"][0]["target"] == int(changed_target) + 1
+    valid.write_text(text)
+
+    test = folder / "Toy.test.inter"
+    lines = test.read_text().splitlines(keepends=True)
+    test.write_text("".join(lines + [lines[3]]))
+    with pytest.raises(data_module.AtomicFileError, match=rf"Toy.test.inter:{len(lines) + 1}: user 2 has a second row"):
+        load(folder, cache_dir=tmp_path / "cache")
+    test.write_text("".join(lines))
+
+    valid.write_text("".join(text.splitlines(keepends=True)[:3]))  # 2 of 20 users
+    with caplog.at_level("WARNING"):
+        load(folder, cache_dir=tmp_path / "cache")
+    assert "hold different users (18 only in test, 0 only in valid; 2 in valid in all)" in caplog.text
+    valid.write_text(text)
+
+    index = folder / "Toy.item2index"
+    good = index.read_text()
+    index.write_text(good.replace("item7\t7", "item3\t7"))
+    with pytest.raises(data_module.AtomicFileError, match=r"item2index:8: raw id 'item3' is listed twice \(first on line 4\)"):  # noqa: E501
+        data_module.read_index_file(index)
+    index.write_bytes(good.encode().replace(b"item5", b"item\xff5"))
+    with pytest.raises(data_module.AtomicFileError, match=r"item2index:6: not UTF-8 text \(byte 0xff"):
+        data_module.read_index_file(index)
+    index.write_text(good)
+
+    np.save(folder / "Toy.ints.npy", np.ones((40, 4), dtype=np.int64))
+    with pytest.raises(data_module.AtomicFileError, match=r"Toy.ints.npy: dtype int64, expected floating-point"):
+        data_module.read_feature_file(folder / "Toy.ints.npy", 40)
+    whole = (folder / "Toy.text.npy").read_bytes()
+    (folder / "Toy.cut.npy").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(data_module.AtomicFileError, match=r"Toy.cut.npy: not a readable .npy array"):
+        data_module.read_feature_file(folder / "Toy.cut.npy", 40)
+    np.save(folder / "Toy.zero.npy", np.zeros((40, 4), dtype=np.float32))
+    with caplog.at_level("WARNING"):
+        data_module.load_item_catalog(folder, feature_files={"image": "Toy.zero.npy"})
+    assert "Toy.zero.npy: every row is zero, so no item has the image modality" in caplog.text
