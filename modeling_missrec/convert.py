@@ -368,6 +368,14 @@ def normalise_ids(values: pd.Series, path: Path, column: str, rows: np.ndarray) 
     if pd.api.types.is_integer_dtype(values.dtype) and not values.isna().any():
         strings = values.astype(np.int64).astype(str).to_numpy(dtype=object)
     else:
+        nested = values.map(lambda v: isinstance(v, list | tuple | dict | set | np.ndarray)).to_numpy(dtype=bool)
+        if nested.any():
+            first = int(np.argmax(nested))
+            raise ConversionError(
+                f"{path}: row {rows[first]}: column {column!r} holds a {type(values.iloc[first]).__name__} "
+                f"({str(values.iloc[first])[:60]}), not one id; one interaction per row is expected (explode "
+                "list-valued columns first)"
+            )
         strings = values.map(_id_string).to_numpy(dtype=object)
     empty = strings == ""
     if empty.any():
@@ -691,7 +699,10 @@ def convert_interactions(
     sequence_lengths = ends - starts
     stats.users, stats.items, stats.interactions = len(starts), len(item_raw), len(index)
     stats.train_rows, stats.valid_rows, stats.test_rows = len(train), len(valid), len(test)
-    stats.sparsity = 1.0 - stats.interactions / (stats.users * stats.items)
+    # Over distinct (user, item) pairs: repeated purchases are kept as interactions, and counting them would
+    # make a small, repetitive log "denser than full" (a negative sparsity).
+    pairs = len(np.unique(user_codes[index].astype(np.int64) * (int(item_codes.max()) + 1) + item_codes[index]))
+    stats.sparsity = 1.0 - pairs / (stats.users * stats.items)
     stats.sequence_length = _summary(sequence_lengths)
     stats.history_length = {
         "train": _summary(np.concatenate(train_lengths)),

@@ -658,3 +658,19 @@ def test_property_output_matches_reference(rows, k, without_meta):
             assert [items[j] for j in history] == sequence[:t]
             assert items[int(train["target"][row]) - 1] == sequence[t]
             row += 1
+
+
+def test_repeat_purchases_never_make_the_sparsity_negative(tmp_path):
+    rows = [("u", "A", 1), ("u", "B", 2), ("u", "B", 2), ("u", "C", 3), ("u", "B", 4)]  # one user, 3 items, 5 rows
+    meta = pd.DataFrame({"item_id": ["A", "B", "C"], "title": ["a", "b", "c"]})
+    stats = convert(tmp_path, log_frame(rows), meta, k_core=1)
+    assert stats.interactions == 5 and stats.sparsity == 0.0  # every (user, item) pair occurs: fully dense
+
+
+def test_a_list_valued_parquet_id_column_is_an_error_naming_the_row(tmp_path):
+    (tmp_path / "in").mkdir()
+    log = pd.DataFrame({"user_id": [["u1", "u2"], ["u3"]], "item_id": ["A", "B"], "timestamp": [1, 2]})
+    log.to_parquet(tmp_path / "in" / "log.parquet")
+    meta_frame().to_parquet(tmp_path / "in" / "meta.parquet")
+    with pytest.raises(ConversionError, match=r"row 1: column 'user_id' holds a ndarray .*explode list-valued"):
+        convert_interactions(tmp_path / "in" / "log.parquet", tmp_path / "in" / "meta.parquet", tmp_path / "out", "X")
