@@ -181,3 +181,11 @@ def test_an_internal_error_keeps_its_traceback():
 
     with pytest.raises(ValueError, match="cannot reshape"):
         run_command(broken, [])
+
+
+def test_the_feature_extractor_reports_a_missing_folder_in_one_line(tmp_path):
+    command = [sys.executable, "-m", "modeling_missrec.features", "text", "--data_dir", str(tmp_path / "none")]
+    command += ["--model_path", str(tmp_path), "--output", str(tmp_path / "x.npy")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'none'}: expected exactly one *.train.inter file, found none"  # noqa: E501
