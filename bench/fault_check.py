@@ -37,6 +37,7 @@ from common import (
     write_text_atomically,
 )
 from safetensors.torch import load_file
+from transformers.utils import logging as transformers_logging
 
 from modeling_missrec.atomic import recover_directory
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog
@@ -105,8 +106,8 @@ def run_with_events(args, out: Path, events: Events, **extra) -> dict:
 
 def outcome_of_a_reader(out: Path, reference: dict) -> str:
     """What loading the output folder right after the kill gives: nothing yet, or a whole model."""
-    if not (out / "config.json").exists():
-        return "no model yet"
+    if not (out / "config.json").exists() and not (out / ".commit.json").exists():
+        return "no model yet"  # (with a journal, loading completes the commit first)
     model = MissrecForSequentialRecommendation.from_pretrained(out)
     weights = model.state_dict()
     return "final model" if all(torch.equal(weights[k], reference[k]) for k in reference) else "an earlier model"
@@ -114,7 +115,8 @@ def outcome_of_a_reader(out: Path, reference: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         args.work = Path(work)
