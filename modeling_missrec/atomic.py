@@ -94,19 +94,22 @@ def complete_interrupted_commit(folder: str | os.PathLike) -> bool:
     if not journal.exists():
         return False
     staging = folder / STAGING_DIR
-    names = json.loads(journal.read_text(encoding="utf-8"))["files"]
+    try:
+        names = json.loads(journal.read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return True  # another process (a reader, another rank) finished it meanwhile
     for name in names:
         source, target, aside = staging / name, folder / name, folder / f".{name}.replaced"
-        if not source.exists():
-            continue  # moved before the kill
-        if source.is_dir() and target.exists():
-            if aside.exists():
-                shutil.rmtree(aside)
-            os.replace(target, aside)
-        os.replace(source, target)
+        try:  # another process may be rolling the same journal forward: a vanished source is a done move
+            if source.is_dir() and target.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(target, aside)
+            os.replace(source, target)
+        except FileNotFoundError:
+            continue
     for name in names:
         shutil.rmtree(folder / f".{name}.replaced", ignore_errors=True)
-    journal.unlink()
+    journal.unlink(missing_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
     return True
 

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
-_OURS = (str(Path(__file__).resolve().parent), str(Path(sys.argv[0]).resolve().parent))
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_OURS = (str(Path(__file__).resolve().parent) + os.sep, str(Path(sys.argv[0]).resolve().parent) + os.sep)
 
 
 def raised_here(error: BaseException) -> bool:
@@ -39,6 +39,5 @@ def run_command(main: Callable[[list[str]], object], argv: Sequence[str] | None 
     except USER_ERRORS as error:
         if debug or not raised_here(error):
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

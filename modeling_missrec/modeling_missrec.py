@@ -463,9 +463,15 @@ class MissrecModel(MissrecPreTrainedModel):
             interest_vectors = F.pad(interest_vectors, (0, 0, 0, 1))
             interest_states = self.encoder(interest_vectors, F.pad(interest_mask, (0, 1)))
             padding_state, interest_states = interest_states[:, -1], interest_states[:, :-1]
+            # Id 0 was in a set when the history was shorter than max_seq_length (its padding) or one of its
+            # items lacks a modality (masked out here, an id-0 token there).
+            per_position = self.interest_tokenizer.item_interest_ids[:, input_ids]  # [M, B, L]
+            missing = ((per_position == 0) & attention_mask.unsqueeze(0)).any(0).any(1)
+            zero_in_set = (attention_mask.sum(1) < self.config.max_seq_length) | missing
         else:
             interest_states, padding_state = self.encoder(interest_vectors, interest_mask), None
-        regularization = self.interest_regularization(interest_states, interest_ids, attention_mask, padding_state)
+            zero_in_set = None
+        regularization = self.interest_regularization(interest_states, interest_ids, zero_in_set, padding_state)
 
         decoder_input = self.embed_items(input_ids, item_tokens, modality_mask)
         last_position = (attention_mask * torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)).argmax(1)
@@ -502,7 +508,7 @@ class MissrecModel(MissrecPreTrainedModel):
         self,
         interest_states: torch.Tensor,
         interest_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        zero_in_set: torch.Tensor | None = None,
         padding_state: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """R = reduce_b ||p_b||^2 / H over the batch, p_b a pooling of sequence b's encoded interests (n_b real).
@@ -511,9 +517,10 @@ class MissrecModel(MissrecPreTrainedModel):
         - "mean" (default): p_b = the mean of the n_b real interest states; independent of the batch mates.
         - "original": exactly the original's p_b = (n_b / Q) x (sum over all Q slots of its padded set). The
           original padded every history to `max_seq_length`, so each shorter history's set also held id 0
-          (padding), and Q is the batch's largest such set; the padded slots' encoder output
-          (`padding_state`, from a zero input) is summed too. The penalty grows like n_b^2 and depends on the
-          batch mates: at gamma = 1e-4 it is 15-80x the "mean" one on scientific_mm batches.
+          (padding), as did one with an item lacking a modality (`zero_in_set` [B]); Q is the batch's largest
+          such set, and the padded slots' encoder output (`padding_state`, from a zero input) is summed too.
+          The penalty grows like n_b^2 and depends on the batch mates: at gamma = 1e-4 it is 15-80x the
+          "mean" one on scientific_mm batches.
         - "batch_share": the original's weighting n_b / Q over the real slots only (no padded slots).
         As the original, the batch is summed (`interest_reg_reduction="sum"`)."""
         real = (interest_ids != 0).to(interest_states.dtype)
@@ -525,10 +532,9 @@ class MissrecModel(MissrecPreTrainedModel):
         elif pooling == "batch_share":
             pooled = summed * (count / interest_ids.shape[1])
         else:
-            if padding_state is None or attention_mask is None:
-                raise ValueError('interest_reg_pooling="original" needs the padding slot state and the attention mask')
-            shorter = (attention_mask.sum(1, keepdim=True) < self.config.max_seq_length).to(count.dtype)
-            set_size = count + shorter  # with the original's padding id
+            if padding_state is None or zero_in_set is None:
+                raise ValueError('interest_reg_pooling="original" needs the padding slot state and zero_in_set')
+            set_size = count + zero_in_set.unsqueeze(1).to(count.dtype)  # with the original's id 0
             width = set_size.max()
             pooled = (summed + (width - count) * padding_state) * (count / width)
         per_sequence = pooled.pow(2).sum(-1) / interest_states.shape[-1]
@@ -645,6 +651,10 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """As `PreTrainedModel.from_pretrained`, but a pre-training checkpoint is refused: its catalogue is the
         pre-training corpus, not a domain's. Build the domain model with `trainer.build_model` instead."""
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(
+            pretrained_model_name_or_path
+        ):
+            complete_interrupted_commit(pretrained_model_name_or_path)  # read the config of one whole save
         config = kwargs.get("config")
         if config is None:
             try:

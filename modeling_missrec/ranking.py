@@ -105,7 +105,8 @@ def _check_sizes(num_items: object, block_size: object, top_k: object, min_top_k
 def tie_floor(target_scores: Tensor) -> Tensor:
     """The lowest score that still ties with each target: ``t - TIE_ULPS x eps x max(1, |t|)``."""
     eps = torch.finfo(target_scores.dtype).eps
-    return target_scores - TIE_ULPS * eps * target_scores.abs().clamp_min(1.0)
+    floor = target_scores - TIE_ULPS * eps * target_scores.abs().clamp_min(1.0)
+    return torch.where(torch.isinf(target_scores), target_scores, floor)  # inf - 8 eps inf would be NaN
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -206,6 +206,11 @@ class TrainingArguments:
             )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} is invalid; allowed: a float in [0, 1).")
+        if self.warmup_ratio and self.lr_scheduler_type == "constant":
+            raise ValueError(
+                f"warmup_ratio={self.warmup_ratio} with lr_scheduler_type='constant' would not warm up; allowed: "
+                "lr_scheduler_type constant_with_warmup, linear or cosine, or warmup_ratio 0."
+            )
 
     @property
     def group_factor(self) -> int:
@@ -346,6 +351,16 @@ def parse_config_and_flags(dataclass_types: tuple, argv: list[str], default_conf
     return (*parsed, config_path)
 
 
+def _parses(value, kind) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        kind(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_setting_types(settings: Mapping, dataclass_types: tuple, source: str) -> None:
     """Each YAML value has its field's type (`eval_ks: 10` where a list belongs fails here, naming the file and
     the setting, not deep inside the run)."""
@@ -365,10 +380,10 @@ def _check_setting_types(settings: Mapping, dataclass_types: tuple, source: str)
         if origin is list:
             (item,) = typing.get_args(hint) or (typing.Any,)
             return isinstance(value, list) and all(matches(v, item) for v in value)
-        if hint is float:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if hint is float:  # PyYAML reads 1e-4 (no dot) as a string; argparse converts it
+            return (isinstance(value, (int, float)) and not isinstance(value, bool)) or _parses(value, float)
         if hint is int:
-            return _is_int(value)
+            return _is_int(value) or _parses(value, int)
         return hint is typing.Any or isinstance(value, hint)
 
     for name, value in settings.items():
@@ -708,8 +723,16 @@ RESUME_SETTINGS = (
 CHECKSUMS_FILE = "checksums.json"
 
 
-def _resume_settings(args) -> dict:
+def _resume_settings(args, model=None, train_rows: int | None = None) -> dict:
     settings = {name: getattr(args, name) for name in RESUME_SETTINGS if hasattr(args, name)}
+    if model is not None:  # the model's own settings (temperature, dropout, regulariser, mode, ...)
+        config = model.config.to_diff_dict()
+        for name in ("num_interests", "architectures", "auto_map", "transformers_version"):
+            config.pop(name, None)
+        settings["model_config"] = json.dumps(config, sort_keys=True, default=str)
+        settings["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if train_rows is not None:
+        settings["train_rows"] = train_rows  # e.g. another train_users_fraction
     if getattr(args, "lr_scheduler_type", "constant") != "constant":
         settings["num_train_epochs"] = args.num_train_epochs  # the schedule spans them
     return settings
@@ -729,8 +752,14 @@ def _file_checksums(folder: Path) -> dict[str, str]:
     return sums
 
 
-# What a finished or running training leaves in its output folder (logs alone do not count).
-RUN_OUTPUTS = ("config.json", "model.safetensors", "metrics.json", "pretrain_metrics.json", CHECKPOINT_DIR, BEST_DIR)
+# What a finished or running training leaves in its output folder (logs alone do not count), including the
+# hidden halves of an interrupted swap or commit; --overwrite_output_dir removes all of it.
+RUN_OUTPUTS = (
+    "config.json", "model.safetensors", "metrics.json", "pretrain_metrics.json", CHECKPOINT_DIR, BEST_DIR,
+    f".{CHECKPOINT_DIR}.tmp", f".{CHECKPOINT_DIR}.old", f".{BEST_DIR}.tmp", f".{BEST_DIR}.old", ".commit.json",
+    ".staging",
+)  # fmt: skip
+MODEL_FILES = ("item_ids.json", "training_state.pt", "results.md", "README.md", "lora_adapter", "*.py")
 
 
 def _claim_output_dir(output_dir: Path, args) -> None:
@@ -747,8 +776,14 @@ def _claim_output_dir(output_dir: Path, args) -> None:
             f"output_dir {output_dir} already holds a run ({', '.join(found)}); pass --resume_from_checkpoint "
             "latest to continue it, --overwrite_output_dir to start over, or another --output_dir."
         )
-    for name in (CHECKPOINT_DIR, BEST_DIR, *(p.name for p in output_dir.glob("checkpoint-epoch-*"))):
-        shutil.rmtree(output_dir / name, ignore_errors=True)
+    stale = [output_dir / n for n in RUN_OUTPUTS] + list(output_dir.glob("checkpoint-epoch-*"))
+    if (output_dir / "config.json").exists():  # a model folder: its other files belong to the old model too
+        stale += [path for pattern in MODEL_FILES for path in output_dir.glob(pattern)]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
 
 
 def _use_available_cores(accelerator: Accelerator, num_threads: int | None) -> None:
@@ -812,6 +847,12 @@ class _AcceleratedLoop:
         # A batch-summed regulariser counts the whole optimiser batch (all processes, all micro-batches).
         base.summed_loss_scale = world * args.gradient_accumulation_steps
 
+    def resume_settings(self) -> dict:
+        """What a resume of this run must not change: the result-changing arguments, the model's config and
+        trainable parameters, and the number of training rows."""
+        rows = len(self.train_loader.dataset) if hasattr(self, "train_loader") else None
+        return _resume_settings(self.args, self.unwrapped, rows)
+
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.prepared_model)
@@ -834,6 +875,7 @@ class _AcceleratedLoop:
             shutil.rmtree(temporary)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(temporary))
+        self.accelerator.wait_for_everyone()  # every rank's RNG file is written before the folder is hashed and swapped
         if self.accelerator.is_main_process:
             _write_json_atomically(temporary / CHECKSUMS_FILE, _file_checksums(temporary))
             _write_json_atomically(temporary / STATE_FILE, asdict(self.state))  # last: marks it complete
@@ -844,6 +886,7 @@ class _AcceleratedLoop:
         directory = self.output_dir / CHECKPOINT_DIR if path == "latest" else Path(path)
         if path == "latest" and self.accelerator.is_main_process:  # a kill between the two renames of a swap
             recover_directory(directory, self.output_dir / f".{CHECKPOINT_DIR}.tmp", STATE_FILE)
+            recover_directory(self.output_dir / BEST_DIR, self.output_dir / f".{BEST_DIR}.tmp", "training_state.pt")
         self.accelerator.wait_for_everyone()
         state_file = directory / STATE_FILE
         if not state_file.exists():
@@ -858,7 +901,7 @@ class _AcceleratedLoop:
                     "; resume from an intact checkpoint or start over with --overwrite_output_dir."
                 )
         self.state = TrainerState(**json.loads(state_file.read_text()))
-        now = _resume_settings(self.args)
+        now = self.resume_settings()
         changed = [
             f"{n}: {self.state.settings[n]!r} -> {now[n]!r}"
             for n in now
@@ -893,12 +936,13 @@ class _AcceleratedLoop:
                 merged.save_pretrained(temporary)
             else:
                 model.save_pretrained(temporary)
-            torch.save(model.state_dict(), temporary / "training_state.pt")
             if in_place:
+                torch.save(model.state_dict(), temporary / "training_state.pt")
                 commit_files(directory, temporary, extra_files)
             else:
                 for name, text in (extra_files or {}).items():
                     (temporary / name).write_text(text, encoding="utf-8")
+                torch.save(model.state_dict(), temporary / "training_state.pt")  # last: marks the folder whole
                 replace_directory(temporary, directory)
         self.accelerator.wait_for_everyone()
 
@@ -1041,7 +1085,7 @@ class MissrecTrainer(_AcceleratedLoop):
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
         else:
-            self.state.settings = _resume_settings(args)
+            self.state.settings = self.resume_settings()
         state = self.state
         self.start_trackers("missrec_finetune")
         metric = args.metric_for_best_model
@@ -1366,7 +1410,7 @@ class MissrecPretrainer(_AcceleratedLoop):
         if args.resume_from_checkpoint:
             self.load_checkpoint(args.resume_from_checkpoint)
         else:
-            self.state.settings = _resume_settings(args)
+            self.state.settings = self.resume_settings()
         state = self.state
         self.start_trackers("missrec_pretrain")
         self.log(

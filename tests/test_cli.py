@@ -188,4 +188,7 @@ def test_the_feature_extractor_reports_a_missing_folder_in_one_line(tmp_path):
     command += ["--model_path", str(tmp_path), "--output", str(tmp_path / "x.npy")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'none'}: expected exactly one *.train.inter file, found none"  # noqa: E501
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == f"error: {tmp_path / 'none'}: expected exactly one *.train.inter file, found none"
+    )  # noqa: E501

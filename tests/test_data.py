@@ -745,7 +745,9 @@ def test_bad_data_is_refused_or_flagged_naming_the_file_and_the_row(tmp_path, ca
     index = folder / "Toy.item2index"
     good = index.read_text()
     index.write_text(good.replace("item7\t7", "item3\t7"))
-    with pytest.raises(data_module.AtomicFileError, match=r"item2index:8: raw id 'item3' is listed twice \(first on line 4\)"):  # noqa: E501
+    with pytest.raises(
+        data_module.AtomicFileError, match=r"item2index:8: raw id 'item3' is listed twice \(first on line 4\)"
+    ):  # noqa: E501
         data_module.read_index_file(index)
     index.write_bytes(good.encode().replace(b"item5", b"item\xff5"))
     with pytest.raises(data_module.AtomicFileError, match=r"item2index:6: not UTF-8 text \(byte 0xff"):

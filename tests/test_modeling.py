@@ -462,9 +462,12 @@ def original_regulariser(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mask_missing", [False, True])
-def test_original_regulariser_pooling_is_exactly_the_originals(mask_missing):
+@pytest.mark.parametrize("full_length", [False, True], ids=["short", "full-length"])
+def test_original_regulariser_pooling_is_exactly_the_originals(mask_missing, full_length):
     model = tiny_model(interest_reg_pooling="original", mask_missing_modalities=mask_missing).eval()
     input_ids = histories()
+    if full_length:  # a history of max_seq_length items, one without an image (ids 1..5): no padding id
+        input_ids = torch.tensor([[2, *range(10, 21)], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]])
     with torch.no_grad():
         got = model(input_ids).interest_regularization
         expected = original_regulariser(model, input_ids)
