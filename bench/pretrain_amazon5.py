@@ -222,7 +222,17 @@ def pretrain(args) -> dict:
     started = time.perf_counter()
     command = [sys.executable, str(REPO_ROOT / "run_pretrain.py"), "--config", str(args.recipe)]
     command += ["--domain_dirs", *folders, "--validation_dirs", *validation, "--output_dir", str(out)]
-    command += ["--resume_from_checkpoint", "latest"] if (out / "checkpoint" / "trainer_state.json").exists() else []
+    # A killed run of the same inputs resumes (run_pretrain finds its checkpoint, also one caught between the
+    # two renames of a swap); a run of other inputs or settings is started over.
+    begun = out / ".pretrain.started.json"
+    same_run = begun.exists() and json.loads(begun.read_text(encoding="utf-8")).get("fingerprint") == key
+    checkpoints = [out / n for n in ("checkpoint", ".checkpoint.tmp", ".checkpoint.old")]
+    if same_run and any(p.exists() for p in checkpoints):
+        command += ["--resume_from_checkpoint", "latest"]
+    elif out.exists():
+        command += ["--overwrite_output_dir", "true"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(begun, {"fingerprint": key})
     run([*command, *args.pretrain_flags], args.work_dir / "logs" / "pretrain.log")
     summary = json.loads((out / "pretrain_metrics.json").read_text(encoding="utf-8"))
     return mark(marker, key, time.perf_counter() - started, summary=summary)

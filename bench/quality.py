@@ -150,6 +150,7 @@ def overrides(settings: dict) -> str:
 # ------------------------------------------------------------------------------------------------------- runs
 def run_key(run: dict) -> tuple:
     return (run["dataset"], run["mode"], run["config"], run["seed"], run.get("max_steps_per_epoch"))
+    # (num_train_epochs is part of a configuration where it differs from the harness's 300)
 
 
 def run_one(args, data_root: Path, mode: str, config: str, seed: int) -> dict:
