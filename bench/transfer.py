@@ -185,8 +185,10 @@ def main(argv=None) -> None:
     if not args.summarise:
         data_root = resolve_data_root(args.data_root)
         done = {
-            (r["dataset"], r["mode"], r["regime"], r["method"], r["seed"], r.get("max_steps_per_epoch")) for r in runs
-        }
+            (r["dataset"], r["mode"], r["regime"], r["method"], r["seed"], r.get("max_steps_per_epoch"))
+            for r in runs
+            if r["method"] in ("scratch", "popularity") or r.get("pretrained") == str(args.pretrained)
+        }  # a run from another backbone is not this one
         grid = [(mode, seed, method) for mode in args.modes for seed in args.seeds for method in args.methods
                 if mode == "inductive" or method not in ("zero-shot", "popularity")]  # fmt: skip
         todo = [g for g in grid if (args.dataset, g[0], args.regime, g[2], g[1], args.max_steps_per_epoch) not in done]

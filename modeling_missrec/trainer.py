@@ -1386,7 +1386,9 @@ class MissrecPretrainer(_AcceleratedLoop):
 
     def zero_shot_validation(self, epoch: int) -> dict:
         """NDCG@10 of each held-out domain's valid users, ranked zero-shot with the current backbone (main
-        process; the result is shared with the others). Empty without validation domains."""
+        process; the result is shared with the others). Empty without validation domains. The k-means seed
+        is `seed + epoch`: `run_finetune.py --do_train false --seed <that>` on the epoch's checkpoint gives the
+        same figure."""
         if not self.validation_domains:
             return {}
         started = time.perf_counter()
