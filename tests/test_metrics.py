@@ -423,3 +423,12 @@ def test_evaluate_module_loads_offline_and_matches(offline_evaluate, tmp_path):
     for lo in range(0, 25, 10):
         metric.add_batch(predictions=scores[lo : lo + 10].tolist(), references=targets[lo : lo + 10].tolist())
     assert metric.compute() == metrics_from_ranks(reference_ranks(scores, targets))
+
+
+def test_an_infinite_target_score_ranks_as_brute_force_does():
+    scores = torch.tensor([[0.0, math.inf, 1.0, math.inf, -math.inf], [0.0, -math.inf, 2.0, 1.0, -math.inf]])
+    targets = torch.tensor([1, 4])
+    expected = reference_ranks(scores, targets)
+    assert expected.tolist() == [2, 4]  # the other +inf ties; -inf ties with the other -inf
+    result, _ = run_streaming(scores, targets, block_size=2)
+    assert torch.equal(result.ranks, expected)
