@@ -87,6 +87,13 @@ def git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def checkout_env() -> dict[str, str]:
+    """The environment for a child process that must import this checkout's package (e.g. a git worktree pinned
+    to the commit being measured), not whatever an editable install points at."""
+    paths = [str(REPO_ROOT), os.environ.get("PYTHONPATH")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+
+
 def run_header(device: str = "cpu") -> dict:
     """What every result file starts with: the exact command, the code's commit, the date (UTC), the machine."""
     return {

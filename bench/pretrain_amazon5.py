@@ -41,6 +41,7 @@ from common import (
     DEFAULT_RESULTS_DIR,
     REPO_ROOT,
     HelpFormatter,
+    checkout_env,
     header_markdown,
     markdown_table,
     resolve_data_root,
@@ -105,7 +106,7 @@ def mark(marker: Path, key: str, seconds: float, **extra) -> dict:
 
 def run(command: list[str], log: Path) -> None:
     """Run a step's command with the checkout's package first on the path; its output goes to `log`."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = checkout_env()
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"    $ {' '.join(command)}", flush=True)
     with open(log, "w", encoding="utf-8") as handle:

@@ -34,8 +34,8 @@ from pathlib import Path
 from common import (
     BENCH_DIR,
     DEFAULT_RESULTS_DIR,
-    REPO_ROOT,
     HelpFormatter,
+    checkout_env,
     header_markdown,
     markdown_table,
     resolve_data_root,
@@ -189,7 +189,7 @@ def run_finetune_quality(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # The run imports the package of this checkout (a git worktree pinned to the commit being measured), not
     # whatever an editable install points at: the script's folder, not the repository, is first on sys.path.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = checkout_env()
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     if process.returncode != 0:
