@@ -40,6 +40,7 @@ import torch
 from common import (
     BENCH_DIR,
     DEFAULT_RESULTS_DIR,
+    REPO_ROOT,
     HelpFormatter,
     header_markdown,
     markdown_table,
@@ -71,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--pretrained",
         type=Path,
-        default=BENCH_DIR / "scratch" / "amazon5" / "pretrain",
-        help="The pre-trained backbone folder (bench/pretrain_amazon5.py writes it).",
+        default=REPO_ROOT / "pretrained" / "missrec-amazon5-minilm",
+        help="The pre-trained backbone folder (the shipped one; bench/pretrain_amazon5.py writes it).",
     )
     parser.add_argument("--num_threads", type=int, default=None, help="Torch threads of each run.")
     parser.add_argument("--max_steps_per_epoch", type=int, default=None, help="Cut epochs short (smoke tests).")

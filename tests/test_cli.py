@@ -10,6 +10,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 from test_trainer import TINY, write_planted_dataset
 
 import run_finetune
@@ -127,7 +128,7 @@ BAD_FINETUNE_ARGUMENTS = [
     (["--finetune_method", "frozen"], "finetune_method='frozen' needs model_name_or_path"),
     (["--report_to", "wandbx"], "report_to='wandbx' is invalid; allowed: one of ['auto', 'none', 'tensorboard']"),
     (["--learning_rate", "0"], "learning_rate=0.0 is invalid; allowed: a float > 0"),
-    (["--mixed_precision", "fp8"], "mixed_precision='fp8' is invalid; allowed: one of ['no', 'fp16', 'bf16']"),
+    (["--mixed_precision", "fp8"], "mixed_precision='fp8' is invalid; allowed: one of ['no', 'fp16', 'bf16', 'auto']"),
     (["--eval_ks", "10", "10"], "eval_ks=[10, 10] is invalid; allowed: a list of distinct integers >= 1"),
     (["--lora_rank", "0"], "lora_rank=0 is invalid; allowed: an integer >= 1"),
 ]
@@ -192,3 +193,14 @@ def test_the_feature_extractor_reports_a_missing_folder_in_one_line(tmp_path):
         done.stderr.strip().splitlines()[-1]
         == f"error: {tmp_path / 'none'}: expected exactly one *.train.inter file, found none"
     )  # noqa: E501
+
+
+def test_mixed_precision_auto_is_bf16_only_where_the_cpu_computes_it():
+    from modeling_missrec.trainer import resolve_mixed_precision
+
+    with mock.patch("torch.cuda.is_available", return_value=False):
+        for native in (True, False):
+            with mock.patch("modeling_missrec.trainer.cpu_has_native_bf16", return_value=native):
+                assert resolve_mixed_precision("auto") == ("bf16" if native else "no")
+    for explicit in ("no", "fp16", "bf16"):
+        assert resolve_mixed_precision(explicit) == explicit
