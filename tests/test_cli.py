@@ -10,7 +10,6 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
 from test_trainer import TINY, write_planted_dataset
 
 import run_finetune
