@@ -78,12 +78,20 @@ class ItemTokens:
     present: `[M, C]` bool, whether the item has that modality (masked modalities do not take part).
     id_tokens: `[C, H]` L2-normalised ID embeddings, or None (inductive, or folded into the modality token).
     first_item_id: item id of column 0 (to index per-item fusion factors).
+    item_ids: `[C]` the item id of each column, when the columns are not a contiguous range (see `take`).
     """
 
     modality_tokens: torch.Tensor
     present: torch.Tensor
     id_tokens: torch.Tensor | None
     first_item_id: int = 0
+    item_ids: torch.Tensor | None = None
+
+    def take(self, item_ids: torch.Tensor) -> ItemTokens:
+        """The representations of the item ids `item_ids` `[C]`, in that order (a candidate set to re-rank)."""
+        columns = item_ids - self.first_item_id
+        ids = None if self.id_tokens is None else self.id_tokens[columns]
+        return ItemTokens(self.modality_tokens[:, columns], self.present[:, columns], ids, 0, item_ids)
 
     def slice(self, start: int, end: int) -> ItemTokens:
         """The representations of item ids `start..end-1` (ids, not column numbers)."""
@@ -600,7 +608,9 @@ class MissrecFusionHead(nn.Module):
         """Scores `[B, C]` of the B sequences against the C candidates in `items` (not yet / temperature)."""
         cosines = torch.matmul(sequence_embedding.unsqueeze(0), items.modality_tokens.transpose(1, 2))  # [M,B,C]
         factor = self.fusion_factor
-        if self.mode == "dynamic_instance":
+        if self.mode == "dynamic_instance" and items.item_ids is not None:
+            factor = factor[items.item_ids]
+        elif self.mode == "dynamic_instance":
             factor = factor[items.first_item_id : items.first_item_id + items.modality_tokens.shape[1]]
         id_scores = None if items.id_tokens is None else sequence_embedding @ items.id_tokens.T
         return self._combine(cosines, items.present.unsqueeze(1), factor, id_scores)

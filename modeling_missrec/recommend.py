@@ -4,9 +4,13 @@
 
     recommender = MissrecRecommender.from_pretrained("outputs/scientific_mm")
     recommender.recommend([["B00O47ILVA", "B00CJ5EO2E"]], k=10)   # raw ids (ASINs) or model item ids
+    MissrecRecommender.from_pretrained(folder, index="faiss-flat")     # large catalogues: certified lists
 
-Scores are exactly those of training and evaluation (`MissrecForSequentialRecommendation.score_items`), and
-the top-k is kept as a running state over item blocks, so a large catalogue never builds a `[B, N]` matrix.
+Scores are exactly those of training and evaluation (`MissrecForSequentialRecommendation.score_items`). With
+`index="exact"` (the default) the top-k is kept as a running state over item blocks of the whole catalogue, so
+a large catalogue never builds a `[B, N]` matrix; with a list index (`modeling_missrec.retrieval`) only the
+union of each representation's top-C is re-ranked, and the answer is certified equal to the full scan's
+("faiss-flat", "torch") or approximate ("faiss-ivf", "faiss-hnsw").
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ import torch
 from .interests import assign_to_centroids
 from .metrics import streaming_topk
 from .modeling_missrec import MissrecForSequentialRecommendation
+from .retrieval import LIST_KINDS, FusedScoreRetriever, catalog_fingerprint
 
 logger = logging.getLogger(__name__)
 
 ITEM_IDS_FILE = "item_ids.json"
+INDEX_DIR = "retrieval_index"
+INDEX_KINDS = ("exact", *LIST_KINDS)
 
 
 @dataclass
@@ -45,10 +52,21 @@ class MissrecRecommender:
         model: MissrecForSequentialRecommendation,
         raw_item_ids: Sequence[str] | None = None,
         block_size: int = 8192,
+        index: str = "exact",
+        index_dir: str | os.PathLike | None = None,
+        **index_options,
     ):
+        """`index`: "exact" scans every item; "torch" / "faiss-flat" (exact lists, certified), "faiss-ivf" /
+        "faiss-hnsw" (approximate lists) search per-representation lists (`modeling_missrec.retrieval`), with
+        `index_options` such as `initial_candidates`, `nlist`, `nprobe`, `hnsw_m`, `ef_search`. Lists saved
+        in `index_dir` for this catalogue are reused; otherwise they are built."""
+        if index not in INDEX_KINDS:
+            raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
         self.model = model.eval()
         self.model.check_inputs = True
         self.block_size = block_size
+        self.index_kind, self.index_options = index, index_options
+        self.retriever = None if index == "exact" else self._build_retriever(index_dir)
         self.raw_item_ids = list(raw_item_ids) if raw_item_ids is not None else None
         if self.raw_item_ids is not None and len(self.raw_item_ids) != model.config.num_items:
             raise ValueError(
@@ -57,12 +75,29 @@ class MissrecRecommender:
         self._index = {raw: i + 1 for i, raw in enumerate(self.raw_item_ids or [])}
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> MissrecRecommender:
-        """Load a saved recommender folder (with its `item_ids.json` when present)."""
+    def from_pretrained(
+        cls, path: str | os.PathLike, index: str = "exact", index_options: Mapping | None = None, **kwargs
+    ) -> MissrecRecommender:
+        """Load a saved recommender folder (with its `item_ids.json` when present, and the lists of `index`
+        saved beside it when they match the catalogue; otherwise they are rebuilt)."""
         model = MissrecForSequentialRecommendation.from_pretrained(path, **kwargs)
         ids_file = Path(path) / ITEM_IDS_FILE
         raw = json.loads(ids_file.read_text())["raw_item_ids"] if ids_file.exists() else None
-        return cls(model, raw)
+        return cls(model, raw, index=index, index_dir=Path(path) / INDEX_DIR, **(index_options or {}))
+
+    def _build_retriever(self, index_dir: str | os.PathLike | None) -> FusedScoreRetriever:
+        with torch.no_grad():
+            items = self.model.item_tokens()
+        options = dict(self.index_options)
+        initial = options.pop("initial_candidates", 128)
+        lists = None
+        if index_dir is not None:
+            lists = FusedScoreRetriever.load_lists(
+                Path(index_dir), self.index_kind, catalog_fingerprint(items), **options
+            )
+            if lists is None:
+                logger.info("no saved %s lists for this catalogue in %s: building them", self.index_kind, index_dir)
+        return FusedScoreRetriever(items, self.model.fusion, self.index_kind, initial, lists, **options)
 
     # ----------------------------------------------------------------------------------------- histories
     def item_ids(self, history: Sequence[str | int]) -> list[int]:
@@ -115,17 +150,22 @@ class MissrecRecommender:
     ) -> list[list[Recommendation]]:
         """The `k` best items for each history, best first."""
         results: list[list[Recommendation]] = []
-        items = self.model.item_tokens()
+        items = self.model.item_tokens() if self.retriever is None else None
         for start in range(0, len(histories), batch_size):
             input_ids = self.pad(histories[start : start + batch_size])
             sequence = self.model.encode(input_ids).sequence_embedding
-            top_scores, top_items = streaming_topk(
-                lambda s, e, sequence=sequence: self.model.score_items(sequence, items, s, e),
-                self.model.config.num_items,
-                k,
-                self.block_size,
-                input_ids if exclude_history else None,
-            )
+            exclude = input_ids if exclude_history else None
+            if self.retriever is not None:
+                found = self.retriever.search(sequence, k, exclude)
+                top_scores, top_items = found.scores, found.item_ids
+            else:
+                top_scores, top_items = streaming_topk(
+                    lambda s, e, sequence=sequence: self.model.score_items(sequence, items, s, e),
+                    self.model.config.num_items,
+                    k,
+                    self.block_size,
+                    exclude,
+                )
             for scores_row, items_row in zip(top_scores.tolist(), top_items.tolist()):
                 results.append(
                     [
@@ -198,13 +238,18 @@ class MissrecRecommender:
                     raise ValueError(f"add_items: raw id {raw!r} is already in the catalogue")
                 self._index[raw] = first + offset
             self.raw_item_ids.extend(raw_item_ids)
+        if self.retriever is not None:
+            self.retriever.add_items(model.item_tokens(), first)
         return list(range(first, first + count))
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
-        """The model and its raw id map, loadable with `from_pretrained`."""
+        """The model and its raw id map, loadable with `from_pretrained`; with a list index, the lists too
+        (`retrieval_index/`, reused by `from_pretrained(path, index=<the same kind>)`)."""
         self.model.save_pretrained(path, **kwargs)
         if self.raw_item_ids is not None:
             (Path(path) / ITEM_IDS_FILE).write_text(json.dumps({"raw_item_ids": self.raw_item_ids}))
+        if self.retriever is not None:
+            self.retriever.save(Path(path) / INDEX_DIR, catalog_fingerprint(self.retriever.items))
 
 
 # -------------------------------------------------------------------------------------------- the Hub

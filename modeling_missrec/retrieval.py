@@ -1,0 +1,360 @@
+"""Certified top-k over the fused score, without scanning the whole catalogue.
+
+The fused score of an item is not one inner product: it mixes one cosine per modality (a convex combination of
+the modalities the item has, `MissrecFusionHead`) and, transductive, an ID score:
+`score = w * id + (1 - w) * fused` with `fused <= max over present modalities of cosine`. So one inner-product
+list per representation (each modality's tokens over the items that have it, the ID tokens) bounds it: an item
+in none of the lists' top-C scores at most `w * id_C + (1 - w) * max_m cos_m,C`, with `x_C` the C-th score of
+list x. Re-rank the union of the top-C lists with the exact fused score; when the k-th re-ranked score reaches
+that bound, no item outside the union can enter the top-k, and the answer is the full scan's (a threshold-
+algorithm certificate). Otherwise C doubles, for the queries that are not yet certified.
+
+With exact lists (`faiss-flat`, or the `torch` flat lists) the certificate is a proof and the result equals the
+full scan by construction. With approximate lists (`faiss-ivf`, `faiss-hnsw`) the lists themselves may miss
+items, so the same test only says the bound was met: measure recall against the exact scan
+(`bench/serve.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import write_atomically
+from .modeling_missrec import ItemTokens, MissrecFusionHead
+
+LIST_KINDS = ("torch", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+EXACT_KINDS = ("torch", "faiss-flat")
+# Re-ranked and listed scores come from different matrix products; a bound is only trusted with this slack.
+BOUND_SLACK = 1e-5
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("faiss lists need faiss-cpu: pip install 'missrec[serve]'") from error
+    return faiss
+
+
+class InnerProductList:
+    """One representation's vectors (`[n, H]`, for item ids `ids`), searchable for the top-C by inner product.
+
+    kind: "torch" (an exact blocked matrix product), "faiss-flat" (exact), "faiss-ivf" (`nlist` cells, `nprobe`
+    visited) or "faiss-hnsw" (`hnsw_m` links, `ef_search`)."""
+
+    def __init__(
+        self,
+        vectors: torch.Tensor,
+        ids: torch.Tensor,
+        kind: str = "faiss-flat",
+        nlist: int | None = None,
+        nprobe: int = 16,
+        hnsw_m: int = 32,
+        ef_search: int = 128,
+    ):
+        if kind not in LIST_KINDS:
+            raise ValueError(f"kind must be one of {LIST_KINDS}, got {kind!r}")
+        if vectors.shape[0] != ids.shape[0]:
+            raise ValueError(f"{vectors.shape[0]} vectors for {ids.shape[0]} ids")
+        self.kind, self.nprobe, self.ef_search = kind, nprobe, ef_search
+        self.dim = vectors.shape[1]
+        self.ids = ids.long().cpu()
+        self.vectors = vectors.detach().float().cpu().contiguous()
+        self.index = None
+        if kind != "torch":
+            self.index = self._build(kind, nlist, hnsw_m)
+            self._add_to_index(self.vectors, self.ids)
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+    def _build(self, kind: str, nlist: int | None, hnsw_m: int):
+        faiss = _faiss()
+        if kind == "faiss-flat":
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        if kind == "faiss-hnsw":
+            index = faiss.IndexHNSWFlat(self.dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = self.ef_search
+            return faiss.IndexIDMap2(index)
+        cells = nlist or max(1, int(4 * len(self) ** 0.5))
+        cells = min(cells, max(1, len(self)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, cells, faiss.METRIC_INNER_PRODUCT)
+        index.train(self.vectors.numpy())
+        index.nprobe = self.nprobe
+        return index
+
+    def _add_to_index(self, vectors: torch.Tensor, ids: torch.Tensor) -> None:
+        if len(ids):
+            self.index.add_with_ids(vectors.numpy(), ids.numpy().astype(np.int64))
+
+    def add(self, vectors: torch.Tensor, ids: torch.Tensor) -> None:
+        """Append items (an IVF list keeps its trained cells)."""
+        vectors = vectors.detach().float().cpu().contiguous()
+        self.vectors = torch.cat([self.vectors, vectors])
+        self.ids = torch.cat([self.ids, ids.long().cpu()])
+        if self.index is not None:
+            self._add_to_index(vectors, ids.long().cpu())
+
+    def search(self, queries: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, c]` scores and item ids, best first; past the list's end, (-inf, 0)."""
+        c_real = min(c, len(self))
+        queries = queries.detach().float().cpu().contiguous()
+        if c_real == 0:
+            scores, ids = torch.empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long)
+        elif self.index is None:
+            scores, positions = self._torch_topk(queries, c_real)
+            ids = self.ids[positions]
+        else:
+            raw_scores, raw_ids = self.index.search(queries.numpy(), c_real)
+            scores, ids = torch.from_numpy(raw_scores), torch.from_numpy(raw_ids)
+            missing = ids < 0  # an approximate list may return fewer than asked
+            scores, ids = scores.masked_fill(missing, float("-inf")), ids.masked_fill(missing, 0)
+        pad = c - scores.shape[1]
+        if pad:
+            scores = torch.cat([scores, torch.full((len(queries), pad), float("-inf"))], dim=1)
+            ids = torch.cat([ids, torch.zeros(len(queries), pad, dtype=torch.long)], dim=1)
+        return scores, ids
+
+    def _torch_topk(self, queries: torch.Tensor, c: int, block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+        best_scores = torch.full((len(queries), 0), float("-inf"))
+        best_positions = torch.zeros(len(queries), 0, dtype=torch.long)
+        for start in range(0, len(self), block):
+            scores = queries @ self.vectors[start : start + block].T
+            top = scores.topk(min(c, scores.shape[1]), dim=1)
+            merged_scores = torch.cat([best_scores, top.values], dim=1)
+            merged_positions = torch.cat([best_positions, top.indices + start], dim=1)
+            keep = merged_scores.topk(min(c, merged_scores.shape[1]), dim=1)
+            best_scores, best_positions = keep.values, merged_positions.gather(1, keep.indices)
+        return best_scores, best_positions
+
+    # ------------------------------------------------------------------------------------------ files
+    def save(self, path: Path) -> None:
+        """The vectors and ids (`.pt`) and, for faiss kinds, the index (`.faiss`), each written atomically."""
+        buffer = _tensor_bytes({"vectors": self.vectors, "ids": self.ids})
+        write_atomically(path.with_suffix(".pt"), buffer)
+        if self.index is not None:
+            write_atomically(path.with_suffix(".faiss"), _faiss().serialize_index(self.index).tobytes())
+
+    @classmethod
+    def load(cls, path: Path, kind: str, nprobe: int = 16, ef_search: int = 128) -> InnerProductList:
+        state = torch.load(path.with_suffix(".pt"), weights_only=True)
+        self = cls.__new__(cls)
+        self.kind, self.nprobe, self.ef_search = kind, nprobe, ef_search
+        self.vectors, self.ids = state["vectors"], state["ids"]
+        self.dim = self.vectors.shape[1]
+        self.index = None
+        if kind != "torch":
+            raw = np.frombuffer(path.with_suffix(".faiss").read_bytes(), dtype=np.uint8)
+            self.index = _faiss().deserialize_index(raw)
+            _set_search_parameters(self.index, nprobe, ef_search)
+        return self
+
+
+def _set_search_parameters(index, nprobe: int, ef_search: int) -> None:
+    faiss = _faiss()
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if hasattr(inner, "nprobe"):
+        inner.nprobe = nprobe
+    if hasattr(inner, "hnsw"):
+        inner.hnsw.efSearch = ef_search
+
+
+def _tensor_bytes(state: dict) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+@dataclass
+class CertifiedTopK:
+    """Result of `FusedScoreRetriever.search`: best first; `certified[b]` says the k-th score of row b reached
+    the bound of every item outside the re-ranked union (with exact lists: the full scan's answer);
+    `candidates` is the number of items C taken from each list for that row."""
+
+    scores: torch.Tensor  # [B, k] fused scores (before the temperature); -inf past the rankable items
+    item_ids: torch.Tensor  # [B, k] model item ids; 0 past the rankable items
+    certified: torch.Tensor  # [B] bool
+    candidates: torch.Tensor  # [B] the final C of each row
+
+
+class FusedScoreRetriever:
+    """Top-k of the fused score through one inner-product list per item representation (module docstring).
+
+    Built from the catalogue's `ItemTokens` (ids 0..N, column 0 padding) and the model's fusion head; the lists
+    hold item ids 1..N, each modality's list only the items that have that modality."""
+
+    def __init__(
+        self,
+        items: ItemTokens,
+        fusion: MissrecFusionHead,
+        kind: str = "faiss-flat",
+        initial_candidates: int = 128,
+        lists: dict[str, InnerProductList] | None = None,
+        **list_options,
+    ):
+        self.items, self.fusion, self.kind = items, fusion, kind
+        self.initial_candidates = initial_candidates
+        self.num_items = items.modality_tokens.shape[1] - 1
+        self.id_weight = float(fusion.id_score_weight) if items.id_tokens is not None else 0.0
+        self.lists = lists if lists is not None else self._build_lists(items, kind, list_options)
+        self._find_unlisted()
+
+    def _find_unlisted(self) -> None:
+        """The items no list holds (no modality, no ID list), lowest id first; None when there are none."""
+        empty = ~self.items.present[:, 1:].bool().any(0).cpu()
+        has_id_list = self.items.id_tokens is not None
+        self.unlisted_ids = None if has_id_list or not bool(empty.any()) else empty.nonzero().squeeze(1) + 1
+
+    @staticmethod
+    def representations(items: ItemTokens, start: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(vectors, item ids) of each list over item ids `start..N`: one per modality slot (`modality_<m>`)
+        over the items that have it, and `id` when the ID score is separate."""
+        found = {}
+        ids = torch.arange(start, items.modality_tokens.shape[1])
+        for slot in range(items.modality_tokens.shape[0]):
+            present = items.present[slot, start:].bool().cpu()
+            found[f"modality_{slot}"] = (
+                items.modality_tokens[slot, start:][present.to(items.present.device)],
+                ids[present],
+            )
+        if items.id_tokens is not None:
+            found["id"] = (items.id_tokens[start:], ids)
+        return found
+
+    @classmethod
+    def _build_lists(cls, items: ItemTokens, kind: str, options: dict) -> dict[str, InnerProductList]:
+        return {
+            name: InnerProductList(vectors, ids, kind, **options)
+            for name, (vectors, ids) in cls.representations(items).items()
+        }
+
+    def add_items(self, items: ItemTokens, first_new_id: int) -> None:
+        """Extend the lists with the items `first_new_id..N` of the grown catalogue `items`."""
+        for name, (vectors, ids) in self.representations(items, first_new_id).items():
+            self.lists[name].add(vectors, ids)
+        self.items = items
+        self.num_items = items.modality_tokens.shape[1] - 1
+        self._find_unlisted()
+
+    # ---------------------------------------------------------------------------------------- search
+    def bound(self, cutoffs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`[B]` the highest fused score an item outside every list's top-C can have, from each list's C-th
+        score. An item with no modality has fused score 0, so 0 joins the modality maximum when one exists."""
+        modality = [v for name, v in cutoffs.items() if name.startswith("modality_")]
+        best = torch.stack(modality).amax(0)
+        if bool((~self.items.present[:, 1:].bool()).all(0).any()):
+            best = best.clamp_min(0.0)
+        if "id" not in cutoffs:
+            return best
+        return torch.lerp(best, cutoffs["id"], self.id_weight)
+
+    @torch.no_grad()
+    def search(
+        self,
+        sequence_embedding: torch.Tensor,
+        k: int,
+        exclude_items: torch.Tensor | None = None,
+        query_batch: int = 32,
+    ) -> CertifiedTopK:
+        """The k best items of each row of `sequence_embedding` `[B, H]`; `exclude_items` `[B, L]` (0 = padding)
+        are never returned. C starts at `initial_candidates` (at least k) and doubles for uncertified rows
+        until the bound is met or every list is exhausted. Rows go `query_batch` at a time: their union of
+        candidates is re-ranked as one `[query_batch, union]` block."""
+        parts = [
+            self._search_rows(
+                sequence_embedding[s : s + query_batch],
+                k,
+                None if exclude_items is None else exclude_items[s : s + query_batch],
+            )
+            for s in range(0, len(sequence_embedding), query_batch)
+        ]
+        return CertifiedTopK(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in ("scores", "item_ids", "certified", "candidates"))
+        )
+
+    def _search_rows(self, sequence_embedding: torch.Tensor, k: int, exclude_items: torch.Tensor | None):
+        rows = len(sequence_embedding)
+        out_scores = torch.full((rows, k), float("-inf"))
+        out_ids = torch.zeros(rows, k, dtype=torch.long)
+        certified = torch.zeros(rows, dtype=torch.bool)
+        final_c = torch.zeros(rows, dtype=torch.long)
+        pending = torch.arange(rows)
+        c = max(self.initial_candidates, k)
+        longest = max(len(v) for v in self.lists.values())
+        while len(pending):
+            exhausted = c >= longest
+            scores, ids, met = self._round(
+                sequence_embedding[pending], c, k, None if exclude_items is None else exclude_items[pending]
+            )
+            done = met | exhausted
+            out_scores[pending[done]], out_ids[pending[done]] = scores[done], ids[done]
+            certified[pending[done]] = met[done] | exhausted
+            final_c[pending[done]] = c
+            pending = pending[~done]
+            c *= 2
+        return CertifiedTopK(out_scores, out_ids, certified, final_c)
+
+    def _round(self, queries: torch.Tensor, c: int, k: int, exclude: torch.Tensor | None):
+        """Top-C of every list, the union re-ranked with the fused score, and the bound test."""
+        device = self.items.modality_tokens.device
+        cutoffs, found = {}, []
+        for name, listed in self.lists.items():
+            scores, ids = listed.search(queries, c)
+            cutoffs[name] = scores[:, -1] if len(listed) > c else torch.full((len(queries),), float("-inf"))
+            found.append(ids)
+        if self.unlisted_ids is not None:  # items in no list (inductive, no modality): all score exactly 0
+            found.append(self.unlisted_ids[:k])
+        union = torch.cat([ids.reshape(-1) for ids in found]).unique()
+        union = union[union > 0]
+        fused = self.fusion(queries.to(device), self.items.take(union.to(device))).float().cpu()
+        if exclude is not None:
+            fused = fused.masked_fill((union.view(1, 1, -1) == exclude.cpu().unsqueeze(-1)).any(1), float("-inf"))
+        top = fused.topk(min(k, fused.shape[1]), dim=1)
+        scores = torch.full((len(queries), k), float("-inf"))
+        ids = torch.zeros(len(queries), k, dtype=torch.long)
+        scores[:, : top.values.shape[1]] = top.values
+        ids[:, : top.values.shape[1]] = union[top.indices]
+        ids = ids.masked_fill(scores == float("-inf"), 0)
+        bound = self.bound(cutoffs)
+        met = scores[:, -1] >= bound + BOUND_SLACK
+        return scores, ids, met
+
+    # ------------------------------------------------------------------------------------------ files
+    def save(self, folder: Path, fingerprint: str) -> None:
+        """Every list under `folder`, then `index.json` (kind, lists, the catalogue fingerprint) last: a folder
+        without a readable `index.json` is rebuilt."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, listed in self.lists.items():
+            listed.save(folder / name)
+        meta = {"kind": self.kind, "lists": sorted(self.lists), "fingerprint": fingerprint, "num_items": self.num_items}
+        write_atomically(folder / "index.json", json.dumps(meta, indent=2))
+
+    @staticmethod
+    def load_lists(folder: Path, kind: str, fingerprint: str, **options) -> dict[str, InnerProductList] | None:
+        """The saved lists when `folder` holds lists of this kind for this catalogue, else None."""
+        meta_file = folder / "index.json"
+        if not meta_file.exists():
+            return None
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if meta.get("kind") != kind or meta.get("fingerprint") != fingerprint:
+            return None
+        search_options = {k: v for k, v in options.items() if k in ("nprobe", "ef_search")}
+        return {name: InnerProductList.load(folder / name, kind, **search_options) for name in meta["lists"]}
+
+
+def catalog_fingerprint(items: ItemTokens) -> str:
+    """A hash of the candidate representations: saved lists are reused only for the same catalogue."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in (items.modality_tokens, items.present, items.id_tokens):
+        if tensor is not None:
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
