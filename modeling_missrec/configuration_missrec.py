@@ -18,6 +18,8 @@ KMEANS_INITS = ("k-means++", "batched-k-means++", "random")
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "silu")
 REGULARIZER_REDUCTIONS = ("sum", "mean")
 REGULARIZER_POOLINGS = ("mean", "original", "batch_share")
+LOSS_TYPES = ("full", "sampled")
+NEGATIVE_SAMPLERS = ("uniform", "popularity")
 
 
 class MissrecConfig(PreTrainedConfig):
@@ -81,6 +83,14 @@ class MissrecConfig(PreTrainedConfig):
         id_score_weight (`float`, 1/3): weight of the ID score; the content score gets the rest.
         temperature (`float`, 0.07): logits are scores / temperature.
 
+    Fine-tuning loss
+        loss_type (`str`, "full"): "full", cross-entropy over the whole catalogue (the original); "sampled",
+            over the batch's targets and `num_negatives` items drawn once per step and shared by the batch,
+            with the logQ correction and accidental hits masked; only the step's items are adapted, so a step
+            no longer grows with the catalogue (evaluation still ranks every item).
+        num_negatives (`int`, 4096): sampled negatives per step.
+        negative_sampling (`str`, "uniform"): draw them uniformly over the items or by target popularity.
+
     Pre-training
         seq_seq_loss_weight (`float`, 1e-3): lambda, weight of the sequence-to-augmented-sequence loss.
         item_drop_ratio (`float`, 0.2), item_drop_prob (`float`, 0.9): augmentation (drop each item with the
@@ -126,6 +136,9 @@ class MissrecConfig(PreTrainedConfig):
     item_drop_ratio: float = 0.2
     item_drop_prob: float = 0.9
     mask_duplicate_targets: bool = True
+    loss_type: str = "full"
+    num_negatives: int = 4096
+    negative_sampling: str = "uniform"
 
     def __post_init__(self, **kwargs):
         self.modalities = list(self.modalities)
@@ -179,6 +192,9 @@ class MissrecConfig(PreTrainedConfig):
         _require_choice("hidden_act", self.hidden_act, ACTIVATIONS)
         _require_choice("interest_reg_reduction", self.interest_reg_reduction, REGULARIZER_REDUCTIONS)
         _require_choice("interest_reg_pooling", self.interest_reg_pooling, REGULARIZER_POOLINGS)
+        _require_choice("loss_type", self.loss_type, LOSS_TYPES)
+        _require_choice("negative_sampling", self.negative_sampling, NEGATIVE_SAMPLERS)
+        _require("num_negatives", self.num_negatives, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
 
 
 def _require(name: str, value, is_valid, allowed: str) -> None:

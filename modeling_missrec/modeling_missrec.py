@@ -755,13 +755,17 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         With one modality the token and the ID embedding are summed before normalising, as the original did;
         with several, each modality is normalised on its own and the ID gets its own score."""
         raw = self._catalog_raw_tokens() if raw_tokens is None else raw_tokens
-        present = self._present()
         ids = self.missrec.item_embeddings.weight if self.missrec.item_embeddings is not None else None
+        return self._candidate_tokens(raw, self._present(), ids)
+
+    @staticmethod
+    def _candidate_tokens(raw: torch.Tensor, present: torch.Tensor, ids: torch.Tensor | None, item_ids=None):
+        """ItemTokens from raw tokens `[M, C, H]`, their present mask `[M, C]` and ID rows `[C, H]` (or None)."""
         if raw.shape[0] == 1 and ids is not None:
             combined = raw[0] * present[0].unsqueeze(-1).to(raw.dtype) + ids
-            return ItemTokens(F.normalize(combined).unsqueeze(0), torch.ones_like(present), None, 0)
+            return ItemTokens(F.normalize(combined).unsqueeze(0), torch.ones_like(present), None, 0, item_ids)
         id_tokens = None if ids is None else F.normalize(ids)
-        return ItemTokens(F.normalize(raw, dim=-1), present, id_tokens, 0)
+        return ItemTokens(F.normalize(raw, dim=-1), present, id_tokens, 0, item_ids)
 
     # ------------------------------------------------------------------------------------------ forward
     def _check_input_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
@@ -809,6 +813,8 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         if labels is not None and self.check_inputs:
             if int(labels.min()) < 1 or int(labels.max()) > self.config.num_items:
                 raise ValueError(f"labels must be item ids in 1..{self.config.num_items}.")
+        if labels is not None and self.training and self.config.loss_type == "sampled":
+            return self._sampled_softmax_forward(input_ids, attention_mask, labels, return_dict)
         raw = self._catalog_raw_tokens()
         backbone = self.encode(input_ids, attention_mask, raw_tokens=raw)
         scores = self.fusion(backbone.sequence_embedding, self.item_tokens(raw))
@@ -821,6 +827,80 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         if not return_dict:
             output = (logits, backbone.sequence_embedding, backbone.interest_regularization)
             return (loss, *output) if loss is not None else output
+        return MissrecSequentialRecommendationOutput(
+            loss=loss,
+            logits=logits,
+            sequence_embedding=backbone.sequence_embedding,
+            interest_regularization=backbone.interest_regularization,
+        )
+
+    # ----------------------------------------------------------------------------------- sampled softmax
+    def set_target_frequencies(self, counts: torch.Tensor | np.ndarray) -> None:
+        """How often each item id (0..num_items) is a training target: the in-batch candidates' sampling
+        probabilities, for the logQ correction of the sampled softmax (and the popularity sampler)."""
+        counts = torch.as_tensor(np.asarray(counts), dtype=torch.float32).reshape(-1)
+        if counts.shape[0] != self.config.num_items + 1 or (counts < 0).any():
+            raise ValueError(f"target frequencies must be {self.config.num_items + 1} counts >= 0 (ids 0..num_items)")
+        counts[0] = 0
+        self._target_probability = (counts / counts.sum().clamp_min(1.0)).to(self.item_modality_present.device)
+
+    def sample_negatives(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`count` item ids drawn with replacement (uniformly over 1..N, or by target popularity) and the
+        probability `[N + 1]` of drawing each id once."""
+        n = self.config.num_items
+        if self.config.negative_sampling == "popularity":
+            probability = self._target_probability_or_raise().to(device)
+            return torch.multinomial(probability, count, replacement=True), probability
+        probability = torch.full((n + 1,), 1.0 / n, device=device)
+        probability[0] = 0.0
+        return torch.randint(1, n + 1, (count,), device=device), probability
+
+    def _target_probability_or_raise(self) -> torch.Tensor:
+        probability = getattr(self, "_target_probability", None)
+        if probability is None:
+            raise ValueError(
+                "loss_type='sampled' needs the training targets' frequencies: call "
+                "model.set_target_frequencies(counts) (the trainer does this from the training split)"
+            )
+        return probability
+
+    def _sampled_softmax_forward(self, input_ids, attention_mask, labels, return_dict):
+        """Cross-entropy over the batch's targets and `num_negatives` shared sampled items instead of the whole
+        catalogue. Only the items the step needs are adapted; each candidate's logit is corrected by the log
+        of its expected count among the candidates (logQ: in-batch targets by popularity, negatives by the
+        sampler), and a candidate equal to a row's target in another column is masked (accidental hit)."""
+        config, device = self.config, input_ids.device
+        negatives, negative_probability = self.sample_negatives(config.num_negatives, device)
+        candidates = torch.cat([labels, negatives])  # [B + S]; row b's target is column b
+        needed, inverse = torch.unique(torch.cat([input_ids.reshape(-1), candidates]), return_inverse=True)
+        history_columns = inverse[: input_ids.numel()].view_as(input_ids)
+        candidate_columns = inverse[input_ids.numel() :]
+        features = {m: table[needed] for m, table in self.item_features.items()}
+        raw = self.missrec.adapt(features)  # [M, U, H]: the step's items only
+        present = self._present()[:, needed]
+        if self.check_inputs:
+            self._check_input_ids(input_ids, attention_mask)
+        backbone = self.missrec(
+            input_ids,
+            item_tokens=raw[:, history_columns],
+            modality_mask=present[:, history_columns],
+            attention_mask=attention_mask,
+            last_position_only=self.last_position_only,
+        )
+        embeddings = self.missrec.item_embeddings
+        ids = None if embeddings is None else embeddings(candidates)
+        items = self._candidate_tokens(raw[:, candidate_columns], present[:, candidate_columns], ids, candidates)
+        logits = self.fusion(backbone.sequence_embedding, items) / config.temperature
+        expected = len(labels) * self._target_probability_or_raise().to(device) + len(negatives) * negative_probability
+        logits = logits - expected[candidates].clamp_min(1e-12).log()
+        diagonal = torch.eye(len(labels), len(candidates), dtype=torch.bool, device=device)
+        accidental = (candidates.unsqueeze(0) == labels.unsqueeze(1)) & ~diagonal
+        logits = logits.masked_fill(accidental, float("-inf"))
+        targets = torch.arange(len(labels), device=device)
+        loss = F.cross_entropy(logits, targets)
+        loss = loss + config.interest_reg_weight * _regularizer_scale(self) * backbone.interest_regularization
+        if not return_dict:
+            return (loss, logits, backbone.sequence_embedding, backbone.interest_regularization)
         return MissrecSequentialRecommendationOutput(
             loss=loss,
             logits=logits,

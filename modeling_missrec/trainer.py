@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast, broadcast_object_list, set_seed
@@ -1040,6 +1041,9 @@ class MissrecTrainer(_AcceleratedLoop):
         self.model_card = None  # metrics -> the README.md committed with the final model (run_finetune sets it)
         base = model.get_base_model() if _is_peft(model) else model
         base.check_inputs = False  # the loader validated every row; avoid a host sync per step
+        if model.config.loss_type == "sampled":  # the in-batch candidates' probabilities, for the logQ correction
+            targets = np.asarray(dataset["train"].with_format("numpy")[:]["target"], dtype=np.int64)
+            base.set_target_frequencies(np.bincount(targets, minlength=model.config.num_items + 1))
         world = self.accelerator.num_processes
         max_len = model.config.max_seq_length
         self.train_loader = build_loader(
