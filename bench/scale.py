@@ -12,7 +12,9 @@ popularity. Splits are leave-one-out as in the benchmark files: the train split 
 user's history but the last two items, valid and test the two longer prefixes. `--preset office` takes the
 Office figures of the paper: 87,346 users, 25,986 items, 422,799 training rows.
 
-Per catalogue size and precision, in a fresh process (so that peak memory belongs to that case alone):
+Per catalogue size, precision and training loss (`--losses full sampled`: the full softmax over the catalogue,
+or the sampled softmax with `--num_negatives` shared negatives), in a fresh process (so that peak memory
+belongs to that case alone):
   train   `MissrecTrainer.train_epoch` (the real training loop: length-grouped batches of 512 padded to their
           own longest history, full-softmax loss over the whole catalogue, Adam) for `--train_steps` steps
           after `--warmup_steps` untimed ones (0 = one whole epoch); samples/s.
@@ -69,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mean_length", type=float, default=8.0, help="Mean items per user (>= 6).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
     parser.add_argument("--precisions", nargs="+", default=["no"], choices=("no", "bf16"), help="Autocast modes.")
+    parser.add_argument(
+        "--losses", nargs="+", default=["full"], choices=("full", "sampled"), help="Training losses (loss_type)."
+    )
+    parser.add_argument("--num_negatives", type=int, default=4096, help="Sampled negatives per step (sampled loss).")
     parser.add_argument("--batch_size", type=int, default=512, help="Training histories per step.")
     parser.add_argument("--eval_batch_size", type=int, default=1024, help="Users per evaluation batch.")
     parser.add_argument("--eval_block_size", type=int, default=8192, help="Items scored at once in evaluation.")
@@ -207,7 +213,12 @@ def run_train_eval_case(case: dict) -> dict:
     features = synthetic_features(n, case["seed"])
     catalog = ItemCatalog([str(i) for i in range(n)], features, {m: np.ones(n, bool) for m in features})
     config = MissrecConfig(
-        num_items=n, use_item_ids=True, text_feature_size=FEATURE_SIZE, image_feature_size=FEATURE_SIZE
+        num_items=n,
+        use_item_ids=True,
+        text_feature_size=FEATURE_SIZE,
+        image_feature_size=FEATURE_SIZE,
+        loss_type=case.get("loss", "full"),
+        num_negatives=case.get("num_negatives", 4096),
     )
     model = MissrecForSequentialRecommendation(config)
     model.load_item_features(catalog.features, catalog.present)
@@ -261,6 +272,8 @@ def run_train_eval_case(case: dict) -> dict:
     record = {
         "kind": "train_eval",
         **{key: case[key] for key in ("num_items", "num_users", "device", "precision", "batch_size")},
+        "loss": case.get("loss", "full"),
+        "num_negatives": case.get("num_negatives") if case.get("loss") == "sampled" else None,
         "train_rows": len(splits["train"]["target"]),
         "num_interests": k,
         "setup_seconds": prepared - started,
@@ -336,6 +349,7 @@ def render(header: dict, records: list[dict]) -> str:
                 r.get("train_rows", ""),
                 r["device"],
                 r["precision"],
+                r.get("loss", "full") + (f" ({r['num_negatives']})" if r.get("num_negatives") else ""),
                 r.get("train_samples_per_s", r.get("error")),
                 r.get("eval_users_per_s"),
                 r.get("eval_seconds"),
@@ -351,6 +365,7 @@ def render(header: dict, records: list[dict]) -> str:
             "train rows",
             "device",
             "precision",
+            "loss (negatives)",
             "train samples/s",
             "eval users/s",
             "eval s",
@@ -400,7 +415,11 @@ def plot(records: list[dict], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
         return False
-    rows = [r for r in records if r.get("kind") == "train_eval" and r["precision"] == "no"]
+    rows = [
+        r
+        for r in records
+        if r.get("kind") == "train_eval" and r["precision"] == "no" and r.get("loss", "full") == "full"
+    ]
     if len(rows) < 2:
         return False
     sizes = [r["num_items"] for r in rows]
@@ -435,13 +454,15 @@ def main(argv=None) -> list[dict]:
     common = {"device": args.device, "seed": args.seed}
     records = []
     for n in args.num_items:
-        for precision in args.precisions:
+        for precision, loss in ((p, lo) for p in args.precisions for lo in args.losses):
             case = {
                 "kind": "train_eval",
                 **common,
                 "num_items": n,
                 "num_users": args.num_users,
                 "precision": precision,
+                "loss": loss,
+                "num_negatives": args.num_negatives,
                 "train_rows": args.train_rows,
                 "mean_length": args.mean_length,
                 "batch_size": args.batch_size,

@@ -1041,9 +1041,6 @@ class MissrecTrainer(_AcceleratedLoop):
         self.model_card = None  # metrics -> the README.md committed with the final model (run_finetune sets it)
         base = model.get_base_model() if _is_peft(model) else model
         base.check_inputs = False  # the loader validated every row; avoid a host sync per step
-        if model.config.loss_type == "sampled":  # the in-batch candidates' probabilities, for the logQ correction
-            targets = np.asarray(dataset["train"].with_format("numpy")[:]["target"], dtype=np.int64)
-            base.set_target_frequencies(np.bincount(targets, minlength=model.config.num_items + 1))
         world = self.accelerator.num_processes
         max_len = model.config.max_seq_length
         self.train_loader = build_loader(
@@ -1055,6 +1052,9 @@ class MissrecTrainer(_AcceleratedLoop):
             args.group_factor,
             args.dataloader_num_workers,
         )
+        if model.config.loss_type == "sampled":  # the in-batch candidates' probabilities, for the logQ correction
+            targets = self.train_loader.dataset.targets
+            base.set_target_frequencies(np.bincount(targets, minlength=model.config.num_items + 1))
         eval_per_device = max(1, args.eval_batch_size // world)
         # Batches of unequal size are safe with one process only (see LengthGroupedBatchSampler).
         min_fill = args.eval_min_fill if world == 1 else 0.0
