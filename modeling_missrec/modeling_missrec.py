@@ -59,7 +59,9 @@ class MissrecSequentialRecommendationOutput(ModelOutput):
     """Output of [`MissrecForSequentialRecommendation`].
 
     loss: cross-entropy over the whole catalogue plus gamma x interest regulariser (when `labels` are given).
-    logits: `[B, num_items + 1]` scores / temperature; column 0 (padding) is -inf.
+    logits: `[B, num_items + 1]` scores / temperature; column 0 (padding) is -inf. In training with
+        `loss_type="sampled"`, `[B, B + num_negatives]` over the step's candidates (the batch's targets, then
+        the sampled negatives), logQ-corrected and with accidental hits at -inf.
     sequence_embedding: `[B, H]` the normalised user representation.
     interest_regularization: the unweighted regulariser.
     """
@@ -837,26 +839,27 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
     # ----------------------------------------------------------------------------------- sampled softmax
     def set_target_frequencies(self, counts: torch.Tensor | np.ndarray) -> None:
         """How often each item id (0..num_items) is a training target: the in-batch candidates' sampling
-        probabilities, for the logQ correction of the sampled softmax (and the popularity sampler)."""
-        counts = torch.as_tensor(np.asarray(counts), dtype=torch.float32).reshape(-1)
+        probabilities, for the logQ correction of the sampled softmax (and the popularity sampler). One is
+        added to every count, so that an item never seen as a target keeps a finite correction."""
+        counts = torch.as_tensor(counts).detach().to("cpu", torch.float64).reshape(-1)
         if counts.shape[0] != self.config.num_items + 1 or (counts < 0).any():
             raise ValueError(f"target frequencies must be {self.config.num_items + 1} counts >= 0 (ids 0..num_items)")
-        counts[0] = 0
-        self._target_probability = (counts / counts.sum().clamp_min(1.0)).to(self.item_modality_present.device)
+        smoothed = counts + 1.0
+        smoothed[0] = 0.0
+        probability = (smoothed / smoothed.sum()).float().to(self.item_modality_present.device)
+        self.register_buffer("target_probability", probability, persistent=False)  # moves with the model
 
-    def sample_negatives(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_negatives(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | float]:
         """`count` item ids drawn with replacement (uniformly over 1..N, or by target popularity) and the
-        probability `[N + 1]` of drawing each id once."""
-        n = self.config.num_items
+        probability of drawing each id once (`[N + 1]`, or one float for the uniform sampler)."""
         if self.config.negative_sampling == "popularity":
-            probability = self._target_probability_or_raise().to(device)
+            probability = self._target_probability_or_raise()
             return torch.multinomial(probability, count, replacement=True), probability
-        probability = torch.full((n + 1,), 1.0 / n, device=device)
-        probability[0] = 0.0
-        return torch.randint(1, n + 1, (count,), device=device), probability
+        n = self.config.num_items
+        return torch.randint(1, n + 1, (count,), device=device), 1.0 / n
 
     def _target_probability_or_raise(self) -> torch.Tensor:
-        probability = getattr(self, "_target_probability", None)
+        probability = getattr(self, "target_probability", None)
         if probability is None:
             raise ValueError(
                 "loss_type='sampled' needs the training targets' frequencies: call "
@@ -891,8 +894,10 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         ids = None if embeddings is None else embeddings(candidates)
         items = self._candidate_tokens(raw[:, candidate_columns], present[:, candidate_columns], ids, candidates)
         logits = self.fusion(backbone.sequence_embedding, items) / config.temperature
-        expected = len(labels) * self._target_probability_or_raise().to(device) + len(negatives) * negative_probability
-        logits = logits - expected[candidates].clamp_min(1e-12).log()
+        # Only the candidates' entries: nothing in the step is as long as the catalogue.
+        drawn = negative_probability[candidates] if torch.is_tensor(negative_probability) else negative_probability
+        expected = len(labels) * self._target_probability_or_raise()[candidates] + len(negatives) * drawn
+        logits = logits - expected.log()
         diagonal = torch.eye(len(labels), len(candidates), dtype=torch.bool, device=device)
         accidental = (candidates.unsqueeze(0) == labels.unsqueeze(1)) & ~diagonal
         logits = logits.masked_fill(accidental, float("-inf"))

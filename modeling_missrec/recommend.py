@@ -28,7 +28,7 @@ import torch
 from .interests import assign_to_centroids
 from .metrics import streaming_topk
 from .modeling_missrec import MissrecForSequentialRecommendation
-from .retrieval import LIST_KINDS, FusedScoreRetriever, catalog_fingerprint
+from .retrieval import BUILD_OPTIONS, LIST_KINDS, FusedScoreRetriever, catalog_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +65,14 @@ class MissrecRecommender:
         self.model = model.eval()
         self.model.check_inputs = True
         self.block_size = block_size
-        self.index_kind, self.index_options = index, index_options
-        self.retriever = None if index == "exact" else self._build_retriever(index_dir)
         self.raw_item_ids = list(raw_item_ids) if raw_item_ids is not None else None
         if self.raw_item_ids is not None and len(self.raw_item_ids) != model.config.num_items:
             raise ValueError(
                 f"raw_item_ids has {len(self.raw_item_ids)} entries, expected one per item ({model.config.num_items})"
             )
         self._index = {raw: i + 1 for i, raw in enumerate(self.raw_item_ids or [])}
+        self.index_kind, self.index_options = index, index_options
+        self.retriever = None if index == "exact" else self._build_retriever(index_dir)
 
     @classmethod
     def from_pretrained(
@@ -249,7 +249,8 @@ class MissrecRecommender:
         if self.raw_item_ids is not None:
             (Path(path) / ITEM_IDS_FILE).write_text(json.dumps({"raw_item_ids": self.raw_item_ids}))
         if self.retriever is not None:
-            self.retriever.save(Path(path) / INDEX_DIR, catalog_fingerprint(self.retriever.items))
+            build = {k: v for k, v in self.index_options.items() if k in BUILD_OPTIONS}
+            self.retriever.save(Path(path) / INDEX_DIR, catalog_fingerprint(self.retriever.items), build)
 
 
 # -------------------------------------------------------------------------------------------- the Hub

@@ -17,20 +17,25 @@ items, so the same test only says the bound was met: measure recall against the 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atomic import write_atomically
+from .atomic import recover_directory, replace_directory, write_atomically
 from .modeling_missrec import ItemTokens, MissrecFusionHead
 
 LIST_KINDS = ("torch", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 EXACT_KINDS = ("torch", "faiss-flat")
-# Re-ranked and listed scores come from different matrix products; a bound is only trusted with this slack.
+# Re-ranked and listed scores come from different matrix products (float32 on the CPU); a bound is only
+# trusted with this slack. A bf16 model's scores round far coarser: give it float32 tokens for serving.
 BOUND_SLACK = 1e-5
+BUILD_OPTIONS = ("nlist", "hnsw_m")  # what the saved lists were built with (search options may change)
 
 
 def _faiss():
@@ -165,8 +170,6 @@ def _set_search_parameters(index, nprobe: int, ef_search: int) -> None:
 
 
 def _tensor_bytes(state: dict) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
@@ -207,10 +210,14 @@ class FusedScoreRetriever:
         self._find_unlisted()
 
     def _find_unlisted(self) -> None:
-        """The items no list holds (no modality, no ID list), lowest id first; None when there are none."""
+        """The items with no modality (their fused score is 0), and those no list holds (no ID list either),
+        lowest id first; None when there are none."""
         empty = ~self.items.present[:, 1:].bool().any(0).cpu()
+        self.some_item_has_no_modality = bool(empty.any())
         has_id_list = self.items.id_tokens is not None
-        self.unlisted_ids = None if has_id_list or not bool(empty.any()) else empty.nonzero().squeeze(1) + 1
+        self.unlisted_ids = (
+            None if has_id_list or not self.some_item_has_no_modality else empty.nonzero().squeeze(1) + 1
+        )
 
     @staticmethod
     def representations(items: ItemTokens, start: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -249,11 +256,13 @@ class FusedScoreRetriever:
         score. An item with no modality has fused score 0, so 0 joins the modality maximum when one exists."""
         modality = [v for name, v in cutoffs.items() if name.startswith("modality_")]
         best = torch.stack(modality).amax(0)
-        if bool((~self.items.present[:, 1:].bool()).all(0).any()):
+        if self.some_item_has_no_modality:
             best = best.clamp_min(0.0)
         if "id" not in cutoffs:
             return best
-        return torch.lerp(best, cutoffs["id"], self.id_weight)
+        # An exhausted side bounds nothing: lerp(-inf, x) would be NaN, and NaN never passes the test.
+        either_exhausted = (best == float("-inf")) | (cutoffs["id"] == float("-inf"))
+        return torch.lerp(best, cutoffs["id"], self.id_weight).masked_fill(either_exhausted, float("-inf"))
 
     @torch.no_grad()
     def search(
@@ -290,69 +299,90 @@ class FusedScoreRetriever:
         longest = max(len(v) for v in self.lists.values())
         while len(pending):
             exhausted = c >= longest
-            scores, ids, met = self._round(
+            scores, ids, met, short = self._round(
                 sequence_embedding[pending], c, k, None if exclude_items is None else exclude_items[pending]
             )
-            done = met | exhausted
+            # A list that returned fewer than it holds (an approximate one) gives no bound, and more C won't help.
+            done = met | exhausted | short
             out_scores[pending[done]], out_ids[pending[done]] = scores[done], ids[done]
-            certified[pending[done]] = met[done] | exhausted
+            certified[pending[done]] = (met[done] | exhausted) & ~short[done]
             final_c[pending[done]] = c
             pending = pending[~done]
             c *= 2
         return CertifiedTopK(out_scores, out_ids, certified, final_c)
 
-    def _round(self, queries: torch.Tensor, c: int, k: int, exclude: torch.Tensor | None):
-        """Top-C of every list, the union re-ranked with the fused score, and the bound test."""
+    def _round(
+        self, queries: torch.Tensor, c: int, k: int, exclude: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-C of every list, the union re-ranked with the fused score, and the bound test: scores and ids
+        `[B, k]`, whether the bound was met `[B]`, and whether a list came back short `[B]`."""
         device = self.items.modality_tokens.device
         cutoffs, found = {}, []
+        short = torch.zeros(len(queries), dtype=torch.bool)
         for name, listed in self.lists.items():
             scores, ids = listed.search(queries, c)
+            expected = min(c, len(listed))
+            short |= (ids[:, :expected] == 0).any(1)
             cutoffs[name] = scores[:, -1] if len(listed) > c else torch.full((len(queries),), float("-inf"))
             found.append(ids)
         if self.unlisted_ids is not None:  # items in no list (inductive, no modality): all score exactly 0
-            found.append(self.unlisted_ids[:k])
-        union = torch.cat([ids.reshape(-1) for ids in found]).unique()
+            excluded = 0 if exclude is None else exclude.shape[1]
+            found.append(self.unlisted_ids[: k + excluded])  # enough of them to fill k after any exclusion
+        union = torch.cat([ids.reshape(-1) for ids in found]).unique()  # sorted: ties below go to the lower id
         union = union[union > 0]
         fused = self.fusion(queries.to(device), self.items.take(union.to(device))).float().cpu()
         if exclude is not None:
             fused = fused.masked_fill((union.view(1, 1, -1) == exclude.cpu().unsqueeze(-1)).any(1), float("-inf"))
-        top = fused.topk(min(k, fused.shape[1]), dim=1)
+        order = fused.sort(dim=1, descending=True, stable=True)  # the full scan's tie rule: lower id first
+        take = min(k, fused.shape[1])
         scores = torch.full((len(queries), k), float("-inf"))
         ids = torch.zeros(len(queries), k, dtype=torch.long)
-        scores[:, : top.values.shape[1]] = top.values
-        ids[:, : top.values.shape[1]] = union[top.indices]
+        scores[:, :take] = order.values[:, :take]
+        ids[:, :take] = union[order.indices[:, :take]]
         ids = ids.masked_fill(scores == float("-inf"), 0)
-        bound = self.bound(cutoffs)
-        met = scores[:, -1] >= bound + BOUND_SLACK
-        return scores, ids, met
+        met = scores[:, -1] >= self.bound(cutoffs) + BOUND_SLACK
+        return scores, ids, met, short
 
     # ------------------------------------------------------------------------------------------ files
-    def save(self, folder: Path, fingerprint: str) -> None:
-        """Every list under `folder`, then `index.json` (kind, lists, the catalogue fingerprint) last: a folder
-        without a readable `index.json` is rebuilt."""
-        folder.mkdir(parents=True, exist_ok=True)
+    def save(self, folder: Path, fingerprint: str, build_options: dict | None = None) -> None:
+        """Every list and `index.json` (kind, build options, lists, the catalogue fingerprint), written into a
+        sibling folder and swapped in whole: a reader sees the old set or the new one."""
+        temporary = folder.with_name(f".{folder.name}.tmp")
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir(parents=True)
         for name, listed in self.lists.items():
-            listed.save(folder / name)
-        meta = {"kind": self.kind, "lists": sorted(self.lists), "fingerprint": fingerprint, "num_items": self.num_items}
-        write_atomically(folder / "index.json", json.dumps(meta, indent=2))
+            listed.save(temporary / name)
+        meta = {
+            "kind": self.kind, "build_options": build_options or {}, "lists": sorted(self.lists),
+            "fingerprint": fingerprint, "num_items": self.num_items,
+        }  # fmt: skip
+        write_atomically(temporary / "index.json", json.dumps(meta, indent=2))
+        replace_directory(temporary, folder)
 
     @staticmethod
     def load_lists(folder: Path, kind: str, fingerprint: str, **options) -> dict[str, InnerProductList] | None:
-        """The saved lists when `folder` holds lists of this kind for this catalogue, else None."""
-        meta_file = folder / "index.json"
-        if not meta_file.exists():
+        """The saved lists when `folder` holds whole lists of this kind, built with these options, for this
+        catalogue; else None (the caller rebuilds them)."""
+        recover_directory(folder, folder.with_name(f".{folder.name}.tmp"), "index.json")  # a save killed mid-swap
+        try:
+            meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             return None
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        if meta.get("kind") != kind or meta.get("fingerprint") != fingerprint:
+        build = {k: v for k, v in options.items() if k in BUILD_OPTIONS}
+        same = meta.get("kind") == kind and meta.get("fingerprint") == fingerprint
+        if not same or meta.get("build_options", {}) != build:
             return None
         search_options = {k: v for k, v in options.items() if k in ("nprobe", "ef_search")}
-        return {name: InnerProductList.load(folder / name, kind, **search_options) for name in meta["lists"]}
+        try:
+            return {name: InnerProductList.load(folder / name, kind, **search_options) for name in meta["lists"]}
+        except (OSError, RuntimeError, KeyError):
+            return None
 
 
 def catalog_fingerprint(items: ItemTokens) -> str:
-    """A hash of the candidate representations: saved lists are reused only for the same catalogue."""
-    import hashlib
-
+    """A hash of the candidate representations (as float32, whatever their device or dtype): saved lists are
+    reused only for the same catalogue."""
     digest = hashlib.blake2b(digest_size=16)
     for tensor in (items.modality_tokens, items.present, items.id_tokens):
         if tensor is not None:

@@ -4,6 +4,8 @@ grows; approximate lists are checked for recall only."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -17,11 +19,11 @@ from modeling_missrec.retrieval import FusedScoreRetriever, InnerProductList
 faiss = pytest.importorskip("faiss")
 
 
-def catalogue(num_items: int, hidden: int, use_ids: bool, fusion: str, seed: int, missing: float):
+def catalogue(num_items: int, hidden: int, use_ids: bool, fusion: str, seed: int, missing: float, modalities=2):
     """Random normalised tokens for ids 0..num_items (0 = padding), some modalities missing, and a fusion head."""
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.nn.functional.normalize(torch.randn(2, num_items + 1, hidden, generator=generator), dim=-1)
-    present = torch.rand(2, num_items + 1, generator=generator) >= missing
+    tokens = torch.nn.functional.normalize(torch.randn(modalities, num_items + 1, hidden, generator=generator), dim=-1)
+    present = torch.rand(modalities, num_items + 1, generator=generator) >= missing
     present[:, 0] = False
     ids = torch.nn.functional.normalize(torch.randn(num_items + 1, hidden, generator=generator), dim=-1)
     config = MissrecConfig(num_items=num_items, item_fusion=fusion, fusion_factor_init=0.0)
@@ -40,9 +42,17 @@ def full_scan(items: ItemTokens, head, queries, k, exclude=None):
         return streaming_topk(lambda s, e: head(queries, items.slice(s, e)), num_items, k, 16, exclude)
 
 
-def assert_same_top_k(result, scan_scores, items, head, queries):
-    """Same k-th scores as the full scan, and every returned item scores what the scan gives it."""
+def assert_same_top_k(result, scan_scores, items, head, queries, scan_ids=None):
+    """Same k-th scores as the full scan, every returned item scores what the scan gives it, and where no
+    two scores are within rounding of each other, the same items."""
     torch.testing.assert_close(result.scores, scan_scores, rtol=0, atol=1e-5)
+    if scan_ids is not None:
+        inf = torch.full_like(scan_scores[:, :1], float("inf"))
+        above = torch.cat([inf, scan_scores[:, :-1]], dim=1)
+        below = torch.cat([scan_scores[:, 1:], -inf], dim=1)
+        distinct = (above - scan_scores > 1e-4) & (scan_scores - below > 1e-4) & torch.isfinite(scan_scores)
+        distinct[:, -1] = False  # the k-th may tie with an item outside the answer
+        assert torch.equal(result.item_ids[distinct], scan_ids[distinct])
     with torch.no_grad():
         every = head(queries, items.slice(0, items.modality_tokens.shape[1]))
     returned = result.item_ids.clamp_min(0)
@@ -60,20 +70,33 @@ def assert_same_top_k(result, scan_scores, items, head, queries):
     initial=st.integers(1, 40),
     missing=st.sampled_from([0.0, 0.3, 0.9]),
     exclude=st.booleans(),
+    modalities=st.sampled_from([1, 2]),
     seed=st.integers(0, 10_000),
 )
 def test_exact_lists_give_the_full_scan_and_a_certificate(
-    num_items, use_ids, fusion, kind, k, initial, missing, exclude, seed
+    num_items, use_ids, fusion, kind, k, initial, missing, exclude, modalities, seed
 ):
-    items, head = catalogue(num_items, 8, use_ids, fusion, seed, missing)
+    items, head = catalogue(num_items, 8, use_ids, fusion, seed, missing, modalities)
     generator = torch.Generator().manual_seed(seed + 1)
     queries = torch.nn.functional.normalize(torch.randn(7, 8, generator=generator), dim=-1)
     history = torch.randint(0, num_items + 1, (7, 4), generator=generator) if exclude else None
     retriever = FusedScoreRetriever(items, head, kind, initial_candidates=initial)
     result = retriever.search(queries, k, history, query_batch=3)
-    scan_scores, _ = full_scan(items, head, queries, k, history)
+    scan_scores, scan_ids = full_scan(items, head, queries, k, history)
     assert result.certified.all()
-    assert_same_top_k(result, scan_scores, items, head, queries)
+    assert_same_top_k(result, scan_scores, items, head, queries, scan_ids)
+
+
+def test_items_with_no_modality_fill_the_top_k_after_the_history_is_excluded():
+    # inductive; items 1-3 have no modality (score exactly 0), every other item scores below 0
+    items, head = catalogue(30, 4, False, "static", 0, 0.0)
+    query = torch.nn.functional.normalize(torch.ones(1, 4), dim=-1)
+    items.modality_tokens[:, 4:] = -query
+    items.present[:, 1:4] = False
+    result = FusedScoreRetriever(items, head, "torch", initial_candidates=2).search(query, 2, torch.tensor([[1, 2]]))
+    scan_scores, scan_ids = full_scan(items, head, query, 2, torch.tensor([[1, 2]]))
+    assert result.item_ids[0, 0] == 3 == scan_ids[0, 0] and result.certified.all()
+    assert_same_top_k(result, scan_scores, items, head, query)
 
 
 def test_the_certificate_stops_early_on_a_real_model_catalogue():
@@ -160,8 +183,10 @@ def test_the_recommender_with_a_list_index_answers_as_the_full_scan(tmp_path):
     histories = [[int(i) for i in torch.randint(1, 501, (5,))] for _ in range(20)]
 
     def same(a, b):
+        assert len(a) == len(b)
         for left, right in zip(a, b):
             assert [r.score for r in left] == pytest.approx([r.score for r in right], abs=1e-5)
+            assert [r.item_id for r in left] == [r.item_id for r in right]
 
     exact = MissrecRecommender(model, raw)
     listed = MissrecRecommender(model, list(raw), index="faiss-flat", initial_candidates=4)
@@ -178,7 +203,8 @@ def test_the_recommender_with_a_list_index_answers_as_the_full_scan(tmp_path):
     # saved beside the model, reused when it matches, rebuilt when it is gone
     listed.save_pretrained(tmp_path / "rec")
     assert (tmp_path / "rec" / INDEX_DIR / "index.json").exists()
-    reloaded = MissrecRecommender.from_pretrained(tmp_path / "rec", index="faiss-flat")
+    with mock.patch.object(FusedScoreRetriever, "_build_lists", side_effect=AssertionError("rebuilt")):
+        reloaded = MissrecRecommender.from_pretrained(tmp_path / "rec", index="faiss-flat")
     assert reloaded.retriever.lists["modality_0"].index.ntotal == len(listed.retriever.lists["modality_0"])
     same(reloaded.recommend(histories, k=8), listed.recommend(histories, k=8))
     import shutil

@@ -30,8 +30,9 @@ def tiny_model(use_item_ids: bool, sampling: str, modalities=("text", "image")) 
     model.load_item_features({m: features[m] for m in modalities})
     model.refresh_interests(seed=0)
     counts = torch.randint(0, 20, (NUM_ITEMS + 1,)).float()
-    counts[1] = 0  # an item never seen as a target can still be a sampled negative
+    counts[1] = 0  # never a target: its correction must stay finite
     model.set_target_frequencies(counts)
+    model.counts = counts  # for the tests' own reference
     return model.train()
 
 
@@ -52,8 +53,14 @@ def test_the_sampled_loss_is_the_full_models_logits_on_its_candidates(use_item_i
     full = model(history, labels=labels)
     model.config.loss_type = "sampled"
     candidates = torch.cat([labels, negatives])
-    expected = len(labels) * model._target_probability + len(negatives) * negative_probability
-    logits = full.logits[:, candidates] - expected[candidates].clamp_min(1e-12).log()
+    # the documented correction from the raw counts: add-one smoothed target shares, the sampler's draw shares
+    smoothed = model.counts + 1
+    smoothed[0] = 0
+    target_share = smoothed / smoothed.sum()
+    draw_share = target_share if sampling == "popularity" else torch.full_like(target_share, 1 / NUM_ITEMS)
+    expected = len(labels) * target_share + len(negatives) * draw_share
+    logits = full.logits[:, candidates] - expected[candidates].log()
+    assert torch.isfinite(expected[1].log())
     hit = (candidates.unsqueeze(0) == labels.unsqueeze(1)) & ~torch.eye(len(labels), len(candidates), dtype=torch.bool)
     logits = logits.masked_fill(hit, float("-inf"))
     assert hit[0, 3] and hit[3, 0]  # rows 0 and 3 share their target
@@ -63,19 +70,22 @@ def test_the_sampled_loss_is_the_full_models_logits_on_its_candidates(use_item_i
     torch.testing.assert_close(sampled.loss, cross_entropy + regulariser, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_reach_only_the_items_of_the_step():
+def test_gradients_reach_exactly_the_items_of_the_step():
     model = tiny_model(True, "uniform")
     history = torch.tensor([[3, 4, 5], [7, 8, 9]])
+    torch.manual_seed(7)
     model(history, labels=torch.tensor([6, 11])).loss.backward()
+    torch.manual_seed(7)
+    negatives, _ = model.sample_negatives(25, history.device)
     grad = model.missrec.item_embeddings.weight.grad
-    touched = grad.abs().sum(1).nonzero().squeeze(1)
-    assert {3, 4, 5, 6, 7, 8, 9, 11} <= set(touched.tolist())
-    assert len(touched) <= 8 + 25 and model.missrec.adaptors["text"].weight.grad.abs().sum() > 0
+    touched = set(grad.abs().sum(1).nonzero().squeeze(1).tolist())
+    assert touched == {3, 4, 5, 6, 7, 8, 9, 11} | set(negatives.tolist())
+    assert model.missrec.adaptors["text"].weight.grad.abs().sum() > 0
 
 
 def test_popularity_sampling_needs_the_target_frequencies():
     model = tiny_model(False, "popularity")
-    del model._target_probability
+    del model.target_probability
     with pytest.raises(ValueError, match="set_target_frequencies"):
         model(torch.tensor([[1, 2]]), labels=torch.tensor([3]))
     with pytest.raises(ValueError, match="loss_type='bogus' is invalid"):
