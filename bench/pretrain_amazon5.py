@@ -267,7 +267,8 @@ def ship(args, results: dict) -> dict:
     replace_directory(temporary, args.ship_dir)
     size = sum(p.stat().st_size for p in args.ship_dir.iterdir())
     print(f"   epoch {best['epoch']} -> {args.ship_dir} ({size / 1e6:.1f} MB)", flush=True)
-    return {"epoch": best["epoch"], "path": str(args.ship_dir.relative_to(REPO_ROOT)), "bytes": size}
+    shown = os.path.relpath(args.ship_dir, REPO_ROOT) if args.ship_dir.is_relative_to(REPO_ROOT) else str(args.ship_dir)
+    return {"epoch": best["epoch"], "path": shown, "bytes": size}
 
 
 def model_card(results: dict, best: dict) -> str:

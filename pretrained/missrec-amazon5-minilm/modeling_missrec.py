@@ -1,0 +1,1125 @@
+"""MISSRec: multi-modal interest-aware sequence representation (ACM MM 2023), as HuggingFace models.
+
+The backbone [`MissrecModel`] turns a history of item ids into one L2-normalised vector:
+item tokens (per-modality adaptors + optional ID + position) go through a decoder that cross-attends to the
+encoded *set* of interests the history touches (interests = k-means centroids of all item tokens).
+[`MissrecForSequentialRecommendation`] adds one domain's item catalogue, the dynamic fusion head that scores
+every item, and the full-softmax loss.
+
+Where this file departs from the original code, on purpose, the docstring says "Fix:"; where it reproduces a
+quirk for comparability, it says "As the original".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput, logging
+
+from .atomic import complete_interrupted_commit
+from .configuration_missrec import MissrecConfig
+from .interests import interest_sets, kmeans, num_interests
+
+logger = logging.get_logger(__name__)
+
+# Large finite negative used instead of -inf inside softmaxes so that all-masked rows give zeros, not NaN.
+_MASKED_LOGIT = -1.0e4
+
+
+@dataclass
+class MissrecModelOutput(ModelOutput):
+    """Output of the backbone.
+
+    sequence_embedding: `[B, H]` L2-normalised decoder state at each history's last real position.
+    last_hidden_state: `[B, L, H]` decoder states at every position (`[B, 1, H]`, the last position, with
+        `last_position_only=True`).
+    interest_hidden_states: `[B, Q, H]` encoded interest tokens; `interest_ids` `[B, Q]` their ids (0 = padding).
+    interest_regularization: scalar interest regulariser R of the batch (before its weight gamma).
+    """
+
+    sequence_embedding: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    interest_hidden_states: torch.FloatTensor | None = None
+    interest_ids: torch.LongTensor | None = None
+    interest_regularization: torch.FloatTensor | None = None
+
+
+@dataclass
+class MissrecSequentialRecommendationOutput(ModelOutput):
+    """Output of [`MissrecForSequentialRecommendation`].
+
+    loss: cross-entropy over the whole catalogue plus gamma x interest regulariser (when `labels` are given).
+    logits: `[B, num_items + 1]` scores / temperature; column 0 (padding) is -inf. In training with
+        `loss_type="sampled"`, `[B, B + num_negatives]` over the step's candidates (the batch's targets, then
+        the sampled negatives), logQ-corrected and with accidental hits at -inf.
+    sequence_embedding: `[B, H]` the normalised user representation.
+    interest_regularization: the unweighted regulariser.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    sequence_embedding: torch.FloatTensor | None = None
+    interest_regularization: torch.FloatTensor | None = None
+
+
+@dataclass
+class ItemTokens:
+    """Candidate-side item representations, ready for scoring a contiguous range of item ids.
+
+    modality_tokens: `[M, C, H]` L2-normalised per-modality tokens.
+    present: `[M, C]` bool, whether the item has that modality (masked modalities do not take part).
+    id_tokens: `[C, H]` L2-normalised ID embeddings, or None (inductive, or folded into the modality token).
+    first_item_id: item id of column 0 (to index per-item fusion factors).
+    item_ids: `[C]` the item id of each column, when the columns are not a contiguous range (see `take`).
+    """
+
+    modality_tokens: torch.Tensor
+    present: torch.Tensor
+    id_tokens: torch.Tensor | None
+    first_item_id: int = 0
+    item_ids: torch.Tensor | None = None
+
+    def take(self, item_ids: torch.Tensor) -> ItemTokens:
+        """The representations of the item ids `item_ids` `[C]`, in that order (a candidate set to re-rank)."""
+        columns = item_ids - self.first_item_id
+        ids = None if self.id_tokens is None else self.id_tokens[columns]
+        return ItemTokens(self.modality_tokens[:, columns], self.present[:, columns], ids, 0, item_ids)
+
+    def slice(self, start: int, end: int) -> ItemTokens:
+        """The representations of item ids `start..end-1` (ids, not column numbers)."""
+        lo, hi = start - self.first_item_id, end - self.first_item_id
+        ids = None if self.id_tokens is None else self.id_tokens[lo:hi]
+        return ItemTokens(self.modality_tokens[:, lo:hi], self.present[:, lo:hi], ids, start)
+
+
+class MissrecAttention(nn.Module):
+    """Multi-head attention with separate q/k/v/o projections (LoRA targets) and SDPA with a key padding mask."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.attention_dropout_prob
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        # `_init_weights` reads this: modules are initialised one by one, and only those owning parameters.
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            projection._missrec_fused_in_projection = True
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`key_padding_mask` `[B, S]` is True at keys that may be attended to."""
+        source = hidden_states if key_value_states is None else key_value_states
+        query = self._split_heads(self.q_proj(hidden_states))
+        key = self._split_heads(self.k_proj(source))
+        value = self._split_heads(self.v_proj(source))
+        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        attended = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        batch, _, length, _ = attended.shape
+        return self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MissrecMLP(nn.Module):
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(hidden_states))))
+
+
+class MissrecEncoderLayer(nn.Module):
+    """Post-LN self-attention layer over the interest tokens (a set: no positions)."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.self_attn = MissrecAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MissrecMLP(config)
+        self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        attended = self.self_attn(hidden_states, key_padding_mask=padding_mask)
+        hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
+        return self.mlp_layer_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+
+
+class MissrecDecoderLayer(nn.Module):
+    """Post-LN layer over the item tokens: non-causal self-attention, cross-attention to interests, MLP."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.self_attn = MissrecAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.cross_attn = MissrecAttention(config)
+        self.cross_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MissrecMLP(config)
+        self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor,
+        interest_states: torch.Tensor,
+        interest_mask: torch.Tensor,
+        query_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Outputs at the rows `query_states` `[B, Q, H]` (by default every position of `hidden_states`); keys and
+        values always come from every position, so a row's output does not depend on which rows are computed."""
+        queries = hidden_states if query_states is None else query_states
+        attended = self.self_attn(queries, hidden_states, key_padding_mask=padding_mask)
+        hidden_states = self.self_attn_layer_norm(queries + self.dropout(attended))
+        crossed = self.cross_attn(hidden_states, interest_states, key_padding_mask=interest_mask)
+        hidden_states = self.cross_attn_layer_norm(hidden_states + self.dropout(crossed))
+        return self.mlp_layer_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+
+
+class MissrecEncoder(nn.Module):
+    """The interest encoder: layers plus a final LayerNorm (as `torch.nn.Transformer` in the original)."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(MissrecEncoderLayer(config) for _ in range(config.num_encoder_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, padding_mask)
+        return self.norm(hidden_states)
+
+
+class MissrecDecoder(nn.Module):
+    """The interest-aware decoder: layers plus a final LayerNorm."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(MissrecDecoderLayer(config) for _ in range(config.num_decoder_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor,
+        interest_states: torch.Tensor,
+        interest_mask: torch.Tensor,
+        output_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """States `[B, L, H]`, or `[B, 1, H]` at `output_positions` `[B]` only: the last layer then computes
+        that one row per sequence (its self-attention is not causal, so the row still sees every position)."""
+        *inner, last = self.layers  # the config asks for at least one layer
+        for layer in inner:
+            hidden_states = layer(hidden_states, padding_mask, interest_states, interest_mask)
+        queries = None
+        if output_positions is not None:
+            rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+            queries = hidden_states[rows, output_positions].unsqueeze(1)
+        return self.norm(last(hidden_states, padding_mask, interest_states, interest_mask, queries))
+
+
+class MissrecItemAdaptor(nn.Linear):
+    """Linear map from a frozen modality feature to a token. Its own class so that `_init_weights` can keep
+    PyTorch's default (Kaiming-uniform) initialisation for it, as the original did."""
+
+
+class MissrecInterestTokenizer(nn.Module):
+    """The interest vocabulary: centroids `[K + 1, H]` (row 0 = padding, zeros) and, per modality, every item's
+    interest id `[M, num_items + 1]` (0 = padding or a masked missing modality). Both are buffers, refreshed by
+    k-means and saved with the model."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        num_modalities = len(config.modalities)
+        self.register_buffer("centroids", torch.zeros(config.num_interests + 1, config.hidden_size))
+        self.register_buffer("item_interest_ids", torch.zeros(num_modalities, config.num_items + 1, dtype=torch.long))
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Interest ids `[B, Q]` of each history's interest set, their centroid vectors and their mask."""
+        ids = interest_sets(input_ids, list(self.item_interest_ids))
+        mask = ids != 0
+        # A history none of whose items has an interest (before the first refresh) would leave attention with
+        # no key at all; let it attend to one zero token instead of producing NaN.
+        mask[:, 0] |= ~mask.any(dim=1)
+        return ids, self.centroids[ids], mask
+
+    @torch.no_grad()
+    def set_state(self, centroids: torch.Tensor, item_interest_ids: torch.Tensor) -> None:
+        padded = torch.zeros(centroids.shape[0] + 1, centroids.shape[1], device=centroids.device)
+        padded[1:] = centroids
+        self.centroids = padded.to(self.centroids.dtype)
+        self.item_interest_ids = item_interest_ids.to(self.item_interest_ids.device)
+
+
+def _config_mismatch(cls, path, config=None) -> str:
+    """One line for a `config.json` that disagrees with `model.safetensors`: the first tensor whose shape
+    differs and the config fields whose value is the dimension that differs."""
+    from safetensors import safe_open
+
+    config = config or cls.config_class.from_pretrained(path)
+    with torch.device("meta"):
+        expected = cls(config).state_dict()
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as handle:
+        for key in handle.keys():
+            saved = tuple(handle.get_slice(key).get_shape())
+            if key in expected and tuple(expected[key].shape) != saved:
+                wanted = tuple(expected[key].shape)
+                dims = {w for w, s in zip(wanted, saved) if w != s} if len(wanted) == len(saved) else set(wanted)
+                fields = [f"{n}={v}" for n, v in config.to_dict().items() if isinstance(v, int) and v in dims]
+                fields = [f for f in fields if not f.startswith(("return_dict", "use_"))]
+                return (
+                    f"{path}: config.json disagrees with model.safetensors ({', '.join(fields) or 'a size field'}): "
+                    f"{key} is {list(saved)} in the file, {list(wanted)} for config.json's settings."
+                )
+    return f"{path}: config.json disagrees with model.safetensors (a tensor shape differs)."
+
+
+class MissrecPreTrainedModel(PreTrainedModel):
+    config_class = MissrecConfig
+    base_model_prefix = "missrec"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but a broken folder is an error, not a model:
+
+        - a local folder whose last save was killed after all its files were staged is completed first (see
+          `atomic.commit_files`), so the model loaded is one whole save;
+        - weights missing from the file (which would start random) are an error naming them, unless
+          `ignore_mismatched_sizes=True`;
+        - a `config.json` that disagrees with the weights is one line naming the field and a tensor;
+        - a NaN or infinite weight or buffer is an error naming the tensor."""
+        path = pretrained_model_name_or_path
+        local = isinstance(path, (str, os.PathLike)) and os.path.isdir(path)
+        if local:
+            complete_interrupted_commit(path)
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        except RuntimeError as error:
+            if local and "ignore_mismatched_sizes" in str(error):
+                raise ValueError(_config_mismatch(cls, path, kwargs.get("config"))) from error
+            raise
+        if info["missing_keys"] and not kwargs.get("ignore_mismatched_sizes"):
+            missing = sorted(info["missing_keys"])
+            raise ValueError(
+                f"{path}: the weights file lacks {len(missing)} tensor(s) of this configuration ({missing[:5]}); "
+                "they would start random. The file is incomplete or from another model."
+            )
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{path}: tensor {name} holds NaN or infinite values; the model is broken.")
+        return (model, info) if wants_info else model
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """As the original: Linear and Embedding N(0, initializer_range) with zero bias, LayerNorm (1, 0); the
+        q/k/v projections keep the Xavier-uniform of the original's fused in-projection; adaptors keep
+        PyTorch's default. Uses `transformers.initialization` so that loaded weights are never overwritten."""
+        std = self.config.initializer_range
+        if isinstance(module, MissrecItemAdaptor):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1.0 / math.sqrt(module.in_features)
+            init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.Linear) and getattr(module, "_missrec_fused_in_projection", False):
+            # The original's q/k/v lived in one [3H, H] Xavier-uniform matrix: same bound, per projection.
+            bound = math.sqrt(6.0 / (4 * module.in_features))
+            init.uniform_(module.weight, -bound, bound)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MissrecInterestTokenizer):
+            init.zeros_(module.centroids)
+            init.zeros_(module.item_interest_ids)
+        elif isinstance(module, MissrecFusionHead):
+            init.constant_(module.fusion_factor, self.config.fusion_factor_init)
+        elif isinstance(module, MissrecForSequentialRecommendation):
+            for name in module.feature_buffer_names():
+                init.zeros_(getattr(module, name))
+            init.zeros_(module.item_modality_present)
+
+
+def _as_float_tensor(values: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    if not torch.is_tensor(values):
+        values = torch.from_numpy(np.array(values, dtype=np.float32))
+    return values.to(device=device, dtype=torch.float32)
+
+
+class MissrecModel(MissrecPreTrainedModel):
+    """The transferable backbone: item tokenizer, interest tokenizer, interest encoder, decoder, read-out.
+
+    The backbone does not own an item catalogue: callers pass each position's modality features (or already
+    adapted tokens) with `input_ids`. [`MissrecForSequentialRecommendation`] looks them up in its catalogue.
+    """
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__(config)
+        self.modalities = list(config.modalities)
+        self.adaptors = nn.ModuleDict(
+            {m: MissrecItemAdaptor(config.feature_size(m), config.hidden_size) for m in self.modalities}
+        )
+        self.item_embeddings = (
+            nn.Embedding(config.num_items + 1, config.hidden_size, padding_idx=0) if config.use_item_ids else None
+        )
+        self.position_embeddings = nn.Embedding(config.max_seq_length, config.hidden_size)
+        self.input_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.input_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.interest_tokenizer = MissrecInterestTokenizer(config)
+        self.encoder = MissrecEncoder(config)
+        self.decoder = MissrecDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self.item_embeddings
+
+    def adapt(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-modality tokens `[M, ..., H]` from frozen features `{modality: [..., F_m]}`."""
+        return torch.stack([self.adaptors[m](features[m]) for m in self.modalities])
+
+    @torch.no_grad()
+    def catalog_tokens(self, item_features: Mapping[str, torch.Tensor | np.ndarray], chunk_rows: int = 65536):
+        """Adapted tokens `[M, N, H]` of a whole feature table, computed in chunks so that a memory-mapped
+        table of a large pre-training catalogue is read piece by piece, never copied whole."""
+        device = self.position_embeddings.weight.device
+        num_rows = len(item_features[self.modalities[0]])
+        chunks = []
+        for start in range(0, num_rows, chunk_rows):
+            piece = {
+                m: _as_float_tensor(item_features[m][start : start + chunk_rows], device).to(
+                    self.adaptors[m].weight.dtype
+                )
+                for m in self.modalities
+            }
+            chunks.append(self.adapt(piece))
+        return torch.cat(chunks, dim=1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        item_features: Mapping[str, torch.Tensor] | None = None,
+        modality_mask: torch.Tensor | None = None,
+        item_tokens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        last_position_only: bool = False,
+        return_dict: bool | None = None,
+    ) -> MissrecModelOutput | tuple:
+        """Encode histories.
+
+        input_ids: `[B, L]` item ids, 0 = padding, oldest first (right-padded, as the collator writes them).
+        item_features: `{modality: [B, L, F_m]}` frozen features of each position, or
+        item_tokens: `[M, B, L, H]` already adapted tokens (what the recommender passes; saves recomputing).
+        modality_mask: `[M, B, L]` bool, True where the item has the modality; by default an all-zero feature
+            row is missing. Ignored (all present) when `config.mask_missing_modalities` is False.
+        attention_mask: `[B, L]` 1 at real positions; by default `input_ids != 0`.
+        last_position_only: the last decoder layer computes only each history's last real position (all the
+            heads need: the user representation); `last_hidden_state` is then `[B, 1, H]`. The same values as
+            the full computation up to float rounding (tested); the original computed every position and kept
+            the last. The heads pass their attribute `last_position_only` (True; on a peft model set it on
+            `get_base_model()`).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if attention_mask is None:
+            attention_mask = input_ids != 0
+        attention_mask = attention_mask.bool()
+        if item_tokens is None:
+            if item_features is None:
+                raise ValueError("MissrecModel.forward needs `item_features` or `item_tokens`; got neither.")
+            item_tokens = self.adapt(item_features)
+            if modality_mask is None:
+                modality_mask = torch.stack([item_features[m].ne(0).any(-1) for m in self.modalities])
+        if modality_mask is None or not self.config.mask_missing_modalities:
+            modality_mask = attention_mask.expand(len(self.modalities), *attention_mask.shape)
+
+        interest_ids, interest_vectors, interest_mask = self.interest_tokenizer(input_ids)
+        if self.config.interest_reg_pooling == "original":
+            # The original's sets kept a padding slot (id 0, a zero input, masked as a key) whose encoder
+            # output its regulariser summed: one appended zero slot gives that output exactly.
+            interest_vectors = F.pad(interest_vectors, (0, 0, 0, 1))
+            interest_states = self.encoder(interest_vectors, F.pad(interest_mask, (0, 1)))
+            padding_state, interest_states = interest_states[:, -1], interest_states[:, :-1]
+            # Id 0 was in a set when the history was shorter than max_seq_length (its padding) or one of its
+            # items lacks a modality (masked out here, an id-0 token there).
+            per_position = self.interest_tokenizer.item_interest_ids[:, input_ids]  # [M, B, L]
+            missing = ((per_position == 0) & attention_mask.unsqueeze(0)).any(0).any(1)
+            zero_in_set = (attention_mask.sum(1) < self.config.max_seq_length) | missing
+        else:
+            interest_states, padding_state = self.encoder(interest_vectors, interest_mask), None
+            zero_in_set = None
+        regularization = self.interest_regularization(interest_states, interest_ids, zero_in_set, padding_state)
+
+        decoder_input = self.embed_items(input_ids, item_tokens, modality_mask)
+        last_position = (attention_mask * torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)).argmax(1)
+        if last_position_only:
+            hidden = self.decoder(decoder_input, attention_mask, interest_states, interest_mask, last_position)
+            sequence_embedding = F.normalize(hidden[:, 0])
+        else:
+            hidden = self.decoder(decoder_input, attention_mask, interest_states, interest_mask)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            sequence_embedding = F.normalize(hidden[rows, last_position])
+
+        if not return_dict:
+            return (sequence_embedding, hidden, interest_states, interest_ids, regularization)
+        return MissrecModelOutput(
+            sequence_embedding=sequence_embedding,
+            last_hidden_state=hidden,
+            interest_hidden_states=interest_states,
+            interest_ids=interest_ids,
+            interest_regularization=regularization,
+        )
+
+    def embed_items(
+        self, input_ids: torch.Tensor, item_tokens: torch.Tensor, modality_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Decoder input: LN(sum of present modality tokens + position [+ ID]), then dropout."""
+        tokens = (item_tokens * modality_mask.unsqueeze(-1).to(item_tokens.dtype)).sum(0)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        tokens = tokens + self.position_embeddings(positions)
+        if self.item_embeddings is not None:
+            tokens = tokens + self.item_embeddings(input_ids)
+        return self.input_dropout(self.input_layer_norm(tokens))
+
+    def interest_regularization(
+        self,
+        interest_states: torch.Tensor,
+        interest_ids: torch.Tensor,
+        zero_in_set: torch.Tensor | None = None,
+        padding_state: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """R = reduce_b ||p_b||^2 / H over the batch, p_b a pooling of sequence b's encoded interests (n_b real).
+
+        `interest_reg_pooling`:
+        - "mean" (default): p_b = the mean of the n_b real interest states; independent of the batch mates.
+        - "original": exactly the original's p_b = (n_b / Q) x (sum over all Q slots of its padded set). The
+          original padded every history to `max_seq_length`, so each shorter history's set also held id 0
+          (padding), as did one with an item lacking a modality (`zero_in_set` [B]); Q is the batch's largest
+          such set, and the padded slots' encoder output (`padding_state`, from a zero input) is summed too.
+          The penalty grows like n_b^2 and depends on the batch mates: at gamma = 1e-4 it is 15-80x the
+          "mean" one on scientific_mm batches.
+        - "batch_share": the original's weighting n_b / Q over the real slots only (no padded slots).
+        As the original, the batch is summed (`interest_reg_reduction="sum"`)."""
+        real = (interest_ids != 0).to(interest_states.dtype)
+        count = real.sum(1, keepdim=True)
+        summed = (interest_states * real.unsqueeze(-1)).sum(1)
+        pooling = self.config.interest_reg_pooling
+        if pooling == "mean":
+            pooled = summed / count.clamp_min(1.0)
+        elif pooling == "batch_share":
+            pooled = summed * (count / interest_ids.shape[1])
+        else:
+            if padding_state is None or zero_in_set is None:
+                raise ValueError('interest_reg_pooling="original" needs the padding slot state and zero_in_set')
+            set_size = count + zero_in_set.unsqueeze(1).to(count.dtype)  # with the original's id 0
+            width = set_size.max()
+            pooled = (summed + (width - count) * padding_state) * (count / width)
+        per_sequence = pooled.pow(2).sum(-1) / interest_states.shape[-1]
+        return per_sequence.sum() if self.config.interest_reg_reduction == "sum" else per_sequence.mean()
+
+    @torch.no_grad()
+    def refresh_interests(
+        self, item_features: Mapping[str, torch.Tensor], modality_present: torch.Tensor, seed: int = 0
+    ) -> int:
+        """Re-cluster the interest vocabulary from the catalogue (no gradients) and store it in the buffers.
+
+        item_features: `{modality: [num_items + 1, F_m]}` (row 0 padding); modality_present: `[M, num_items + 1]`.
+        Every present item token of every modality goes into one pool; K = ceil(interest_ratio x pool size).
+        Fix: missing-modality tokens are left out of the pool (with `mask_missing_modalities`), and k-means runs
+        to convergence with k-means++ (the original made one random-init step on |x|); later refreshes start
+        from the previous centroids (`kmeans_warm_start`). Returns K.
+        """
+        was_training = self.training
+        self.eval()
+        tokens = self.catalog_tokens(item_features)[:, 1:].float()  # [M, N, H]
+        present = _as_float_tensor(modality_present, tokens.device)[:, 1:].bool()
+        if not self.config.mask_missing_modalities:
+            present = torch.ones_like(present)
+        pool = tokens[present]
+        if pool.shape[0] == 0:
+            raise ValueError("refresh_interests: no item has any modality present; nothing to cluster.")
+        k = num_interests(pool.shape[0], self.config.interest_ratio)
+        previous = self.interest_tokenizer.centroids[1:]
+        warm = self.config.kmeans_warm_start and previous.shape[0] == k and bool(previous.any())
+        result = kmeans(
+            pool,
+            k,
+            max_iterations=self.config.kmeans_max_iterations,
+            tolerance=self.config.kmeans_tolerance,
+            init=self.config.kmeans_init,
+            seed=seed,
+            initial_centroids=previous.float() if warm else None,
+        )
+        item_interest_ids = torch.zeros(present.shape[0], present.shape[1] + 1, dtype=torch.long, device=pool.device)
+        item_interest_ids[:, 1:][present] = result.labels + 1
+        self.interest_tokenizer.set_state(result.centroids, item_interest_ids)
+        self.config.num_interests = k
+        self.train(was_training)
+        return k
+
+
+class MissrecFusionHead(nn.Module):
+    """Scores candidates: per-modality cosine similarity mixed by softmax(fusion_factor x score) over the
+    modalities the candidate has (`dynamic_*`), or their mean (`static`); with IDs,
+    `id_weight x id_score + (1 - id_weight) x fused` (the original's `(id + 2 fused) / 3`)."""
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.mode = config.item_fusion
+        self.id_score_weight = config.id_score_weight
+        shape = (config.num_items + 1,) if self.mode == "dynamic_instance" else ()
+        # Static fusion never reads the factor: a trainable parameter without gradient breaks DDP.
+        self.fusion_factor = nn.Parameter(
+            torch.full(shape, float(config.fusion_factor_init)), requires_grad=self.mode != "static"
+        )
+
+    def forward(self, sequence_embedding: torch.Tensor, items: ItemTokens) -> torch.Tensor:
+        """Scores `[B, C]` of the B sequences against the C candidates in `items` (not yet / temperature)."""
+        cosines = torch.matmul(sequence_embedding.unsqueeze(0), items.modality_tokens.transpose(1, 2))  # [M,B,C]
+        factor = self.fusion_factor
+        if self.mode == "dynamic_instance" and items.item_ids is not None:
+            factor = factor[items.item_ids]
+        elif self.mode == "dynamic_instance":
+            factor = factor[items.first_item_id : items.first_item_id + items.modality_tokens.shape[1]]
+        id_scores = None if items.id_tokens is None else sequence_embedding @ items.id_tokens.T
+        return self._combine(cosines, items.present.unsqueeze(1), factor, id_scores)
+
+    def _combine(
+        self, cosines: torch.Tensor, present: torch.Tensor, factor: torch.Tensor, id_scores: torch.Tensor | None
+    ) -> torch.Tensor:
+        present = present.bool()
+        if self.mode == "static":
+            weights = present.to(cosines.dtype)
+            fused = (cosines * weights).sum(0) / weights.sum(0).clamp_min(1.0)
+        else:
+            # An additive bias on the small [M, 1, C] mask instead of a where() over [M, B, C]: an absent
+            # modality's weight underflows to exactly 0 (exp(-1e4)), so only candidates with no modality at
+            # all need the final mask. Fewer passes over the largest tensors of the step.
+            bias = torch.where(present, 0.0, _MASKED_LOGIT).to(cosines.dtype)
+            weights = torch.softmax(factor * cosines + bias, dim=0)
+            fused = (weights * cosines).sum(0) * present.any(0).to(cosines.dtype)
+        if id_scores is None:
+            return fused
+        return torch.lerp(fused, id_scores.to(fused.dtype), self.id_score_weight)
+
+
+class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
+    """MISSRec for next-item recommendation over one domain's catalogue, trained with full-softmax CE.
+
+    The catalogue (frozen features `[num_items + 1, F_m]` per modality, row 0 padding, and the modality-present
+    mask) is a set of buffers, so a saved model carries everything it needs to recommend. Fill it with
+    [`load_item_features`], then call [`refresh_interests`] (the trainer does this before every epoch).
+    """
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__(config)
+        self.missrec = MissrecModel(config)
+        self.fusion = MissrecFusionHead(config)
+        for m in config.modalities:
+            self.register_buffer(f"{m}_features", torch.zeros(config.num_items + 1, config.feature_size(m)))
+        self.register_buffer(
+            "item_modality_present", torch.zeros(len(config.modalities), config.num_items + 1, dtype=torch.bool)
+        )
+        # Input validation costs a host-device sync per step; the trainer turns it off for data it validated.
+        self.check_inputs = True
+        # Only the last position feeds the loss and the scores; False runs the reference (every position).
+        self.last_position_only = True
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but a pre-training checkpoint is refused: its catalogue is the
+        pre-training corpus, not a domain's. Build the domain model with `trainer.build_model` instead."""
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(
+            pretrained_model_name_or_path
+        ):
+            complete_interrupted_commit(pretrained_model_name_or_path)  # read the config of one whole save
+        config = kwargs.get("config")
+        if config is None:
+            try:
+                config = MissrecConfig.from_pretrained(pretrained_model_name_or_path)
+            except OSError:
+                config = None
+        if config is not None and "MissrecForPreTraining" in (config.architectures or []):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a MissrecForPreTraining checkpoint (its catalogue is the "
+                "pre-training corpus). Transfer it to a domain with run_finetune.py --model_name_or_path, or "
+                "modeling_missrec.trainer.build_model(ModelArguments(model_name_or_path=...), catalog)."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------- catalogue
+    def feature_buffer_names(self) -> list[str]:
+        return [f"{m}_features" for m in self.config.modalities]
+
+    @property
+    def item_features(self) -> dict[str, torch.Tensor]:
+        """`{modality: [num_items + 1, F_m]}` frozen features, row 0 = padding."""
+        return {m: getattr(self, f"{m}_features") for m in self.config.modalities}
+
+    @torch.no_grad()
+    def load_item_features(
+        self,
+        features: Mapping[str, torch.Tensor | np.ndarray],
+        modality_present: Mapping[str, torch.Tensor | np.ndarray] | None = None,
+    ) -> None:
+        """Fill the catalogue. `features[m]` has one row per item, `[num_items, F_m]` (row i = item id i + 1).
+
+        A modality is missing for an item when its row is all zeros, unless `modality_present` says otherwise.
+        """
+        n = self.config.num_items
+        for m in self.config.modalities:
+            if m not in features:
+                raise ValueError(f"load_item_features: no features for modality {m!r}; got {sorted(features)}.")
+            table = features[m] if torch.is_tensor(features[m]) else torch.from_numpy(np.array(features[m]))
+            expected = (n, self.config.feature_size(m))
+            if tuple(table.shape) != expected:
+                raise ValueError(
+                    f"load_item_features: features[{m!r}] has shape {tuple(table.shape)}, expected {expected} "
+                    f"(num_items x {m}_feature_size)."
+                )
+            if not torch.isfinite(table).all():
+                row = int((~torch.isfinite(table)).any(1).nonzero()[0, 0])
+                raise ValueError(f"load_item_features: features[{m!r}] row {row} holds NaN or inf.")
+            buffer = getattr(self, f"{m}_features")
+            buffer[0] = 0
+            buffer[1:] = table.to(buffer.device, buffer.dtype)
+        for index, m in enumerate(self.config.modalities):
+            if modality_present is not None and m in modality_present:
+                mask = torch.as_tensor(np.array(modality_present[m])).bool().reshape(-1)
+                if mask.shape[0] != n:
+                    raise ValueError(
+                        f"load_item_features: modality_present[{m!r}] has {mask.shape[0]} rows, expected {n}."
+                    )
+            else:
+                mask = getattr(self, f"{m}_features")[1:].ne(0).any(1)
+            self.item_modality_present[index, 0] = False
+            self.item_modality_present[index, 1:] = mask.to(self.item_modality_present.device)
+
+    def freeze_backbone_for_transfer(self) -> int:
+        """The paper's parameter-efficient transfer: freeze the position embedding, the encoder and the decoder;
+        the adaptors, the input LayerNorm, the fusion factor and (transductive) the ID table stay trainable.
+        Returns the number of trainable parameters."""
+        for module in (self.missrec.position_embeddings, self.missrec.encoder, self.missrec.decoder):
+            module.requires_grad_(False)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def refresh_interests(self, seed: int = 0) -> int:
+        """Re-cluster the interests over this catalogue (see [`MissrecModel.refresh_interests`]). Returns K."""
+        return self.missrec.refresh_interests(self.item_features, self.item_modality_present, seed=seed)
+
+    def _catalog_raw_tokens(self) -> torch.Tensor:
+        return self.missrec.adapt(self.item_features)  # [M, N + 1, H]
+
+    def _present(self) -> torch.Tensor:
+        if self.config.mask_missing_modalities:
+            return self.item_modality_present
+        present = torch.ones_like(self.item_modality_present)
+        present[:, 0] = False
+        return present
+
+    def item_tokens(self, raw_tokens: torch.Tensor | None = None) -> ItemTokens:
+        """Candidate representations of the whole catalogue (ids 0..num_items).
+
+        With one modality the token and the ID embedding are summed before normalising, as the original did;
+        with several, each modality is normalised on its own and the ID gets its own score."""
+        raw = self._catalog_raw_tokens() if raw_tokens is None else raw_tokens
+        ids = self.missrec.item_embeddings.weight if self.missrec.item_embeddings is not None else None
+        return self._candidate_tokens(raw, self._present(), ids)
+
+    @staticmethod
+    def _candidate_tokens(raw: torch.Tensor, present: torch.Tensor, ids: torch.Tensor | None, item_ids=None):
+        """ItemTokens from raw tokens `[M, C, H]`, their present mask `[M, C]` and ID rows `[C, H]` (or None)."""
+        if raw.shape[0] == 1 and ids is not None:
+            combined = raw[0] * present[0].unsqueeze(-1).to(raw.dtype) + ids
+            return ItemTokens(F.normalize(combined).unsqueeze(0), torch.ones_like(present), None, 0, item_ids)
+        id_tokens = None if ids is None else F.normalize(ids)
+        return ItemTokens(F.normalize(raw, dim=-1), present, id_tokens, 0, item_ids)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def _check_input_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length]; got shape {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] > self.config.max_seq_length:
+            raise ValueError(
+                f"input_ids has length {input_ids.shape[1]}, expected at most max_seq_length="
+                f"{self.config.max_seq_length} (keep the most recent items)."
+            )
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high > self.config.num_items:
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids holds item id {bad}, expected ids in 0..{self.config.num_items}.")
+        real = input_ids != 0 if attention_mask is None else attention_mask.bool()
+        empty = (~real.any(1)).nonzero()
+        if empty.numel():
+            raise ValueError(f"input_ids row {int(empty[0, 0])} is an empty history; expected at least one item.")
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, raw_tokens=None):
+        """Backbone output for histories `input_ids` `[B, L]`, item tokens looked up in the catalogue; its
+        `last_hidden_state` is `[B, 1, H]` (the last position) unless `self.last_position_only` is False."""
+        if self.check_inputs:
+            self._check_input_ids(input_ids, attention_mask)
+        raw = self._catalog_raw_tokens() if raw_tokens is None else raw_tokens
+        return self.missrec(
+            input_ids,
+            item_tokens=raw[:, input_ids],
+            modality_mask=self._present()[:, input_ids],
+            attention_mask=attention_mask,
+            last_position_only=self.last_position_only,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MissrecSequentialRecommendationOutput | tuple:
+        """Logits over the whole catalogue for histories `input_ids`; with `labels` `[B]` (target item ids) the
+        loss. As the original, the full softmax runs over all items; fix: the padding column is excluded."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None and self.check_inputs:
+            if int(labels.min()) < 1 or int(labels.max()) > self.config.num_items:
+                raise ValueError(f"labels must be item ids in 1..{self.config.num_items}.")
+        if labels is not None and self.training and self.config.loss_type == "sampled":
+            return self._sampled_softmax_forward(input_ids, attention_mask, labels, return_dict)
+        raw = self._catalog_raw_tokens()
+        backbone = self.encode(input_ids, attention_mask, raw_tokens=raw)
+        scores = self.fusion(backbone.sequence_embedding, self.item_tokens(raw))
+        logits = scores / self.config.temperature
+        logits = torch.cat([torch.full_like(logits[:, :1], float("-inf")), logits[:, 1:]], dim=1)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels)
+            loss = loss + self.config.interest_reg_weight * _regularizer_scale(self) * backbone.interest_regularization
+        if not return_dict:
+            output = (logits, backbone.sequence_embedding, backbone.interest_regularization)
+            return (loss, *output) if loss is not None else output
+        return MissrecSequentialRecommendationOutput(
+            loss=loss,
+            logits=logits,
+            sequence_embedding=backbone.sequence_embedding,
+            interest_regularization=backbone.interest_regularization,
+        )
+
+    # ----------------------------------------------------------------------------------- sampled softmax
+    def set_target_frequencies(self, counts: torch.Tensor | np.ndarray) -> None:
+        """How often each item id (0..num_items) is a training target: the in-batch candidates' sampling
+        probabilities, for the logQ correction of the sampled softmax (and the popularity sampler). One is
+        added to every count, so that an item never seen as a target keeps a finite correction."""
+        counts = torch.as_tensor(counts).detach().to("cpu", torch.float64).reshape(-1)
+        if counts.shape[0] != self.config.num_items + 1 or (counts < 0).any():
+            raise ValueError(f"target frequencies must be {self.config.num_items + 1} counts >= 0 (ids 0..num_items)")
+        smoothed = counts + 1.0
+        smoothed[0] = 0.0
+        probability = (smoothed / smoothed.sum()).float().to(self.item_modality_present.device)
+        self.register_buffer("target_probability", probability, persistent=False)  # moves with the model
+
+    def sample_negatives(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """`count` item ids drawn with replacement (uniformly over 1..N, or by target popularity) and the
+        probability of drawing each id once (`[N + 1]`, or one float for the uniform sampler)."""
+        if self.config.negative_sampling == "popularity":
+            probability = self._target_probability_or_raise()
+            return torch.multinomial(probability, count, replacement=True), probability
+        n = self.config.num_items
+        return torch.randint(1, n + 1, (count,), device=device), 1.0 / n
+
+    def _target_probability_or_raise(self) -> torch.Tensor:
+        probability = getattr(self, "target_probability", None)
+        if probability is None:
+            raise ValueError(
+                "loss_type='sampled' needs the training targets' frequencies: call "
+                "model.set_target_frequencies(counts) (the trainer does this from the training split)"
+            )
+        return probability
+
+    def _sampled_softmax_forward(self, input_ids, attention_mask, labels, return_dict):
+        """Cross-entropy over the batch's targets and `num_negatives` shared sampled items instead of the whole
+        catalogue. Only the items the step needs are adapted; each candidate's logit is corrected by the log
+        of its expected count among the candidates (logQ: in-batch targets by popularity, negatives by the
+        sampler), and a candidate equal to a row's target in another column is masked (accidental hit)."""
+        config, device = self.config, input_ids.device
+        negatives, negative_probability = self.sample_negatives(config.num_negatives, device)
+        candidates = torch.cat([labels, negatives])  # [B + S]; row b's target is column b
+        needed, inverse = torch.unique(torch.cat([input_ids.reshape(-1), candidates]), return_inverse=True)
+        history_columns = inverse[: input_ids.numel()].view_as(input_ids)
+        candidate_columns = inverse[input_ids.numel() :]
+        features = {m: table[needed] for m, table in self.item_features.items()}
+        raw = self.missrec.adapt(features)  # [M, U, H]: the step's items only
+        present = self._present()[:, needed]
+        if self.check_inputs:
+            self._check_input_ids(input_ids, attention_mask)
+        backbone = self.missrec(
+            input_ids,
+            item_tokens=raw[:, history_columns],
+            modality_mask=present[:, history_columns],
+            attention_mask=attention_mask,
+            last_position_only=self.last_position_only,
+        )
+        embeddings = self.missrec.item_embeddings
+        ids = None if embeddings is None else embeddings(candidates)
+        items = self._candidate_tokens(raw[:, candidate_columns], present[:, candidate_columns], ids, candidates)
+        logits = self.fusion(backbone.sequence_embedding, items) / config.temperature
+        # Only the candidates' entries: nothing in the step is as long as the catalogue.
+        drawn = negative_probability[candidates] if torch.is_tensor(negative_probability) else negative_probability
+        expected = len(labels) * self._target_probability_or_raise()[candidates] + len(negatives) * drawn
+        logits = logits - expected.log()
+        diagonal = torch.eye(len(labels), len(candidates), dtype=torch.bool, device=device)
+        accidental = (candidates.unsqueeze(0) == labels.unsqueeze(1)) & ~diagonal
+        logits = logits.masked_fill(accidental, float("-inf"))
+        targets = torch.arange(len(labels), device=device)
+        loss = F.cross_entropy(logits, targets)
+        loss = loss + config.interest_reg_weight * _regularizer_scale(self) * backbone.interest_regularization
+        if not return_dict:
+            return (loss, logits, backbone.sequence_embedding, backbone.interest_regularization)
+        return MissrecSequentialRecommendationOutput(
+            loss=loss,
+            logits=logits,
+            sequence_embedding=backbone.sequence_embedding,
+            interest_regularization=backbone.interest_regularization,
+        )
+
+    @torch.no_grad()
+    def score_items(self, sequence_embedding: torch.Tensor, items: ItemTokens, start: int, end: int) -> torch.Tensor:
+        """Scores (before temperature) of item ids `start..end-1`: the block function of the streaming
+        full-ranking evaluator, so evaluation and recommendation use exactly the training scores."""
+        return self.fusion(sequence_embedding, items.slice(start, end))
+
+
+@dataclass
+class MissrecPreTrainingOutput(ModelOutput):
+    """Output of [`MissrecForPreTraining`].
+
+    loss: `L_si + seq_seq_loss_weight x L_ss + interest_reg_weight x (R + R_aug)`.
+    sequence_item_loss: in-batch sequence-to-next-item contrastive loss (negatives from every process).
+    sequence_sequence_loss: sequence-to-augmented-sequence contrastive loss (None without an augmented view).
+    interest_regularization: R (+ R_aug), unweighted. sequence_embedding: `[B, H]`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    sequence_item_loss: torch.FloatTensor | None = None
+    sequence_sequence_loss: torch.FloatTensor | None = None
+    interest_regularization: torch.FloatTensor | None = None
+    sequence_embedding: torch.FloatTensor | None = None
+
+
+def _regularizer_scale(model: nn.Module) -> float:
+    """Factor that keeps a batch-*summed* regulariser equal to one process on the whole optimiser batch:
+    process groups average gradients over processes and Accelerate divides the loss by the accumulation
+    steps, which would shrink gamma by both. The trainer sets `summed_loss_scale`; by default it is the
+    number of processes. A mean-reduced regulariser needs no factor."""
+    if model.config.interest_reg_reduction != "sum":
+        return 1.0
+    scale = getattr(model, "summed_loss_scale", None)
+    return float(scale) if scale is not None else float(_world()[1])
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_sizes(size: int, device: torch.device) -> list[int]:
+    """Every process's local batch size (the last batches of an epoch may differ between processes)."""
+    _, world = _world()
+    if world == 1:
+        return [size]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    torch.distributed.all_gather(sizes, torch.tensor([size], device=device))
+    return [int(s) for s in sizes]
+
+
+def _pad_to(tensor: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    missing = size - tensor.shape[dim]
+    if missing == 0:
+        return tensor.contiguous()
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim).contiguous()
+
+
+def _gather_with_grad(tensor: torch.Tensor, sizes: list[int], dim: int = 0) -> torch.Tensor:
+    """Concatenate `tensor` from every process along `dim`; gradients flow back to each owner."""
+    if len(sizes) == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    pieces = all_gather(_pad_to(tensor, max(sizes), dim))
+    return torch.cat([piece.narrow(dim, 0, n) for piece, n in zip(pieces, sizes)], dim=dim)
+
+
+def _gather_no_grad(tensor: torch.Tensor, sizes: list[int], dim: int = 0) -> torch.Tensor:
+    if len(sizes) == 1:
+        return tensor
+    padded = _pad_to(tensor, max(sizes), dim)
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(pieces, padded)
+    return torch.cat([piece.narrow(dim, 0, n) for piece, n in zip(pieces, sizes)], dim=dim)
+
+
+class MissrecForPreTraining(MissrecPreTrainedModel):
+    """MISSRec pre-training over several domains (content only): the backbone, the fusion head and the
+    contrastive objectives. Batches carry their own features (the merged catalogue stays outside the model).
+
+    Fix: with several processes the candidate items and augmented sequences of every process are gathered with
+    a differentiable all-gather, so the negatives are the global batch (the original never synchronised).
+    Fix: a target that recurs in the batch is not a negative of its own duplicates (`mask_duplicate_targets`).
+    """
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__(config)
+        if config.use_item_ids:
+            raise ValueError("MissrecForPreTraining is content-only: set use_item_ids=False (got True).")
+        if config.item_fusion == "dynamic_instance":
+            raise ValueError(
+                "item_fusion='dynamic_instance' needs the full catalogue as candidates; use "
+                "'dynamic_shared' or 'static' for pre-training."
+            )
+        self.missrec = MissrecModel(config)
+        self.fusion = MissrecFusionHead(config)
+        # Only the last position feeds the losses; False runs the reference (every position).
+        self.last_position_only = True
+        self.post_init()
+
+    def refresh_interests(
+        self, item_features: Mapping[str, torch.Tensor | np.ndarray], modality_present, seed: int = 0
+    ) -> int:
+        """Cluster the merged catalogue (`{modality: [N + 1, F]}`, may be memory-mapped). Returns K."""
+        return self.missrec.refresh_interests(item_features, modality_present, seed=seed)
+
+    def _modality_mask(self, features: Mapping[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            mask = torch.stack([features[m].ne(0).any(-1) for m in self.config.modalities])
+        if not self.config.mask_missing_modalities:
+            mask = torch.ones_like(mask)
+        return mask.bool()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        item_features: Mapping[str, torch.Tensor],
+        target_features: Mapping[str, torch.Tensor],
+        target_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        modality_mask: torch.Tensor | None = None,
+        target_modality_mask: torch.Tensor | None = None,
+        augmented_input_ids: torch.LongTensor | None = None,
+        augmented_item_features: Mapping[str, torch.Tensor] | None = None,
+        augmented_attention_mask: torch.Tensor | None = None,
+        augmented_modality_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MissrecPreTrainingOutput | tuple:
+        """Histories `input_ids` `[B, L]` with their features `{m: [B, L, F_m]}`, next items `target_features`
+        `{m: [B, F_m]}` (and their global ids for duplicate masking), optionally an augmented view."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        rank, world = _world()
+        config = self.config
+        backbone = self.missrec(
+            input_ids,
+            item_features=item_features,
+            modality_mask=self._modality_mask(item_features, modality_mask),
+            attention_mask=attention_mask,
+            last_position_only=self.last_position_only,
+        )
+        sequence = backbone.sequence_embedding
+        batch = sequence.shape[0]
+        sizes = _gather_sizes(batch, sequence.device)
+        labels = torch.arange(batch, device=sequence.device) + sum(sizes[:rank])
+
+        tokens = F.normalize(self.missrec.adapt(target_features), dim=-1)  # [M, B, H]
+        present = self._modality_mask(target_features, target_modality_mask)
+        candidates = ItemTokens(_gather_with_grad(tokens, sizes, 1), _gather_no_grad(present, sizes, 1), None, 0)
+        logits = self.fusion(sequence, candidates) / config.temperature  # [B, global batch]
+        if config.mask_duplicate_targets and target_ids is not None:
+            all_targets = _gather_no_grad(target_ids, sizes)
+            duplicate = all_targets.unsqueeze(0) == target_ids.unsqueeze(1)
+            duplicate[torch.arange(batch, device=logits.device), labels] = False
+            logits = logits.masked_fill(duplicate, float("-inf"))
+        sequence_item_loss = F.cross_entropy(logits, labels)
+
+        regularization = backbone.interest_regularization
+        sequence_sequence_loss = None
+        if augmented_input_ids is not None:
+            augmented = self.missrec(
+                augmented_input_ids,
+                item_features=augmented_item_features,
+                modality_mask=self._modality_mask(augmented_item_features, augmented_modality_mask),
+                attention_mask=augmented_attention_mask,
+                last_position_only=self.last_position_only,
+            )
+            all_augmented = _gather_with_grad(augmented.sequence_embedding, sizes)
+            sequence_sequence_loss = F.cross_entropy(sequence @ all_augmented.T / config.temperature, labels)
+            regularization = regularization + augmented.interest_regularization
+        # The process group averages gradients: weight each process's losses by its share of the global batch
+        # so that the step equals one process on the whole batch (also when the last batches differ in size).
+        share = len(sizes) * batch / sum(sizes)
+        sequence_item_loss = sequence_item_loss * share
+        if sequence_sequence_loss is not None:
+            sequence_sequence_loss = sequence_sequence_loss * share
+        # A batch-summed regulariser must count the global batch, as one process on the whole batch would.
+        scale = _regularizer_scale(self) if config.interest_reg_reduction == "sum" else share
+        loss = sequence_item_loss + config.interest_reg_weight * scale * regularization
+        if sequence_sequence_loss is not None:
+            loss = loss + config.seq_seq_loss_weight * sequence_sequence_loss
+        if not return_dict:
+            return (loss, sequence_item_loss, sequence_sequence_loss, regularization, sequence)
+        return MissrecPreTrainingOutput(
+            loss=loss,
+            sequence_item_loss=sequence_item_loss,
+            sequence_sequence_loss=sequence_sequence_loss,
+            interest_regularization=regularization,
+            sequence_embedding=sequence,
+        )
+
+
+MissrecConfig.register_for_auto_class()
+MissrecForSequentialRecommendation.register_for_auto_class("AutoModel")
+MissrecForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+
+__all__ = [
+    "ItemTokens",
+    "MissrecForPreTraining",
+    "MissrecPreTrainingOutput",
+    "MissrecForSequentialRecommendation",
+    "MissrecModel",
+    "MissrecModelOutput",
+    "MissrecPreTrainedModel",
+    "MissrecSequentialRecommendationOutput",
+]
