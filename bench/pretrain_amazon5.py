@@ -262,6 +262,7 @@ def ship(args, results: dict) -> dict:
     if temporary.exists():
         shutil.rmtree(temporary)
     model.save_pretrained(temporary)
+    drop_code_copies(temporary)
     (temporary / "README.md").write_text(model_card(results, best), encoding="utf-8")
     args.ship_dir.parent.mkdir(parents=True, exist_ok=True)
     replace_directory(temporary, args.ship_dir)
@@ -269,6 +270,17 @@ def ship(args, results: dict) -> dict:
     print(f"   epoch {best['epoch']} -> {args.ship_dir} ({size / 1e6:.1f} MB)", flush=True)
     shown = os.path.relpath(args.ship_dir, REPO_ROOT) if args.ship_dir.is_relative_to(REPO_ROOT) else str(args.ship_dir)
     return {"epoch": best["epoch"], "path": shown, "bytes": size}
+
+
+def drop_code_copies(folder: Path) -> None:
+    """The shipped folder lives beside the package that loads it: a copy of the model code there (what
+    save_pretrained writes for trust_remote_code) would only go stale as the package moves on."""
+    for copy in folder.glob("*.py"):
+        copy.unlink()
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.pop("auto_map", None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def model_card(results: dict, best: dict) -> str:

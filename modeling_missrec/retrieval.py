@@ -29,6 +29,7 @@ import torch
 
 from .atomic import recover_directory, replace_directory, write_atomically
 from .modeling_missrec import ItemTokens, MissrecFusionHead
+from .ranking import streaming_topk
 
 LIST_KINDS = ("torch", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 EXACT_KINDS = ("torch", "faiss-flat")
@@ -126,16 +127,11 @@ class InnerProductList:
         return scores, ids
 
     def _torch_topk(self, queries: torch.Tensor, c: int, block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-        best_scores = torch.full((len(queries), 0), float("-inf"))
-        best_positions = torch.zeros(len(queries), 0, dtype=torch.long)
-        for start in range(0, len(self), block):
-            scores = queries @ self.vectors[start : start + block].T
-            top = scores.topk(min(c, scores.shape[1]), dim=1)
-            merged_scores = torch.cat([best_scores, top.values], dim=1)
-            merged_positions = torch.cat([best_positions, top.indices + start], dim=1)
-            keep = merged_scores.topk(min(c, merged_scores.shape[1]), dim=1)
-            best_scores, best_positions = keep.values, merged_positions.gather(1, keep.indices)
-        return best_scores, best_positions
+        """The evaluator's streaming top-k over the list's rows (positions 1..n), as 0-based positions."""
+        scores, positions = streaming_topk(
+            lambda s, e: queries @ self.vectors[s - 1 : e - 1].T, len(self), c, min(block, len(self))
+        )
+        return scores, positions - 1
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, path: Path) -> None:

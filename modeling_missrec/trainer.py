@@ -158,7 +158,8 @@ class TrainingArguments:
             "each pool sorted by length and cut into batches, and the batches shuffled. Fewer batches per pool "
             "mix more users and lengths into a batch (1 = random batches); more pad less. On scientific_mm "
             "(transductive, 3 seeds) pools of 4 and random batches gave the test NDCG@10 of 50 (0.0820, 0.0829 "
-            "on 2 seeds, 0.0820; no difference shown) at 0.7x and 0.25x its training samples/s."
+            "on 2 seeds, 0.0820; no difference shown) at about 0.7x and 0.25x its training samples/s (timed while "
+            "other jobs shared the cores)."
         },
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
