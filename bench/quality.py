@@ -81,6 +81,11 @@ CONFIGS: dict[str, dict] = {
         "model": ORIGINAL_KMEANS,
         "training": {},
     },
+    "history_prior": {
+        "about": "the learned history prior: last-item feature cosine, in-history, log target count",
+        "model": {"history_prior": True},
+        "training": {},
+    },
     "all_original": {
         "about": "all four original settings together",
         "model": {**ORIGINAL_REGULARISER, **ORIGINAL_MISSING, **ORIGINAL_KMEANS},

@@ -82,6 +82,11 @@ class MissrecConfig(PreTrainedConfig):
         fusion_factor_init (`float`, 0.0): initial fusion scale (0 = plain average at the start).
         id_score_weight (`float`, 1/3): weight of the ID score; the content score gets the rest.
         temperature (`float`, 0.07): logits are scores / temperature.
+        history_prior (`bool`, False): add to every candidate's score a learned mix of three terms that need no
+            representation learning (see `MissrecHistoryPrior`): the cosine of its frozen features with the
+            last history item's, per modality; whether it is in the history; log(1 + its count as a training
+            target). Not in the original. On Scientific a ranking by the first and third terms alone, with no
+            training, beats the trained original model (`bench/zero_shot_baselines.py`).
 
     Fine-tuning loss
         loss_type (`str`, "full"): "full", cross-entropy over the whole catalogue (the original); "sampled",
@@ -132,6 +137,7 @@ class MissrecConfig(PreTrainedConfig):
     fusion_factor_init: float = 0.0
     id_score_weight: float = 1.0 / 3.0
     temperature: float = 0.07
+    history_prior: bool = False
     seq_seq_loss_weight: float = 1e-3
     item_drop_ratio: float = 0.2
     item_drop_prob: float = 0.9

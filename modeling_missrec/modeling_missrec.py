@@ -369,6 +369,9 @@ class MissrecPreTrainedModel(PreTrainedModel):
             init.zeros_(module.item_interest_ids)
         elif isinstance(module, MissrecFusionHead):
             init.constant_(module.fusion_factor, self.config.fusion_factor_init)
+        elif isinstance(module, MissrecHistoryPrior):
+            init.zeros_(module.weight)
+            init.zeros_(module.item_log_count)
         elif isinstance(module, MissrecForSequentialRecommendation):
             for name in module.feature_buffer_names():
                 init.zeros_(getattr(module, name))
@@ -636,6 +639,67 @@ class MissrecFusionHead(nn.Module):
         return torch.lerp(fused, id_scores.to(fused.dtype), self.id_score_weight)
 
 
+class MissrecHistoryPrior(nn.Module):
+    """Score terms that need no learned representation, mixed by learned weights and added to the fused score
+    of every candidate (`config.history_prior`; not in the original):
+
+    - per modality, the cosine between the candidate's frozen feature row and the last history item's: on
+      Amazon catalogues the next item is often a near twin of the last one (a variant, a refill, an accessory
+      named after it), which the adaptor and transformer blur;
+    - whether the candidate is already in the history (next items rarely repeat: 0.6% of Scientific's test
+      targets), which a cosine with the last item would otherwise favour;
+    - log(1 + the candidate's count as a training target): the fused score is a cosine and has no room for
+      a per-item popularity (nor has an inductive model anywhere else).
+
+    The weights start at 0, so a new head scores as the model without the prior, and are trained with the rest.
+    They are stored divided by `WEIGHT_SCALE`: Adam moves a parameter by about the learning rate per step, and
+    at lr 1e-3 a fine-tuning run of a few hundred steps would otherwise never reach the weights of order 1 (in
+    cosine units) that the blend search of `bench/hybrid_scores.py` picks."""
+
+    WEIGHT_SCALE = 10.0
+
+    def __init__(self, config: MissrecConfig):
+        super().__init__()
+        self.modalities = list(config.modalities)
+        self.weight = nn.Parameter(torch.zeros(len(self.modalities) + 2))  # [cosine per modality, history, log count]
+        self.register_buffer("item_log_count", torch.zeros(config.num_items + 1))
+
+    def weights(self) -> dict[str, float]:
+        """The learned weights in score units, by term (for logs and model cards)."""
+        names = [f"{m}_cosine" for m in self.modalities] + ["in_history", "log_count"]
+        return dict(zip(names, (self.weight.detach() * self.WEIGHT_SCALE).tolist()))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        features: Mapping[str, torch.Tensor],
+        item_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Prior scores `[B, C]` of the candidates `item_ids` `[C]` for the histories `input_ids` `[B, L]`."""
+        weight = self.weight * self.WEIGHT_SCALE
+        real = input_ids != 0 if attention_mask is None else attention_mask.bool()
+        positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
+        last = input_ids.gather(1, (real * positions).argmax(1, keepdim=True)).squeeze(1)  # any padding side
+        seen = _in_history(input_ids, item_ids, self.item_log_count.shape[0])
+        scores = weight[-2] * seen.to(weight.dtype) + weight[-1] * self.item_log_count[item_ids].unsqueeze(0)
+        for index, m in enumerate(self.modalities):
+            table = features[m]
+            query = F.normalize(table[last], dim=-1)  # an all-zero (missing) row stays zero: cosine 0
+            scores = scores + weight[index] * (query @ F.normalize(table[item_ids], dim=-1).T)
+        return scores
+
+
+def _in_history(input_ids: torch.Tensor, item_ids: torch.Tensor, id_bound: int) -> torch.Tensor:
+    """`[B, C]` bool: whether each candidate id is among each row's history ids, by a sorted search over
+    (row, id) keys: `O((B L + B C) log(B L))`, with no `[B, num_items]` table (catalogues of millions)."""
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1) * id_bound
+    keys = (rows + input_ids).reshape(-1).sort().values
+    queries = (rows + item_ids.unsqueeze(0)).reshape(-1)
+    found = torch.searchsorted(keys, queries).clamp_(max=keys.numel() - 1)
+    return (keys[found] == queries).view(input_ids.shape[0], -1)
+
+
 class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
     """MISSRec for next-item recommendation over one domain's catalogue, trained with full-softmax CE.
 
@@ -648,6 +712,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         super().__init__(config)
         self.missrec = MissrecModel(config)
         self.fusion = MissrecFusionHead(config)
+        self.history_prior = MissrecHistoryPrior(config) if config.history_prior else None
         for m in config.modalities:
             self.register_buffer(f"{m}_features", torch.zeros(config.num_items + 1, config.feature_size(m)))
         self.register_buffer(
@@ -820,6 +885,9 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         raw = self._catalog_raw_tokens()
         backbone = self.encode(input_ids, attention_mask, raw_tokens=raw)
         scores = self.fusion(backbone.sequence_embedding, self.item_tokens(raw))
+        if self.history_prior is not None:
+            ids = torch.arange(self.config.num_items + 1, device=input_ids.device)
+            scores = scores + self.history_prior(input_ids, attention_mask, self.item_features, ids)
         logits = scores / self.config.temperature
         logits = torch.cat([torch.full_like(logits[:, :1], float("-inf")), logits[:, 1:]], dim=1)
         loss = None
@@ -848,6 +916,19 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         smoothed[0] = 0.0
         probability = (smoothed / smoothed.sum()).float().to(self.item_modality_present.device)
         self.register_buffer("target_probability", probability, persistent=False)  # moves with the model
+
+    @torch.no_grad()
+    def set_item_popularity(self, counts: torch.Tensor | np.ndarray) -> None:
+        """The history prior's popularity term: `counts` `[num_items + 1]`, how often each item id is a training
+        target in this catalogue (stored as log(1 + count), saved with the model)."""
+        if self.history_prior is None:
+            raise ValueError("set_item_popularity: this model has no history prior (config.history_prior=False)")
+        counts = torch.as_tensor(counts).detach().to("cpu", torch.float64).reshape(-1)
+        if counts.shape[0] != self.config.num_items + 1 or (counts < 0).any():
+            raise ValueError(f"item counts must be {self.config.num_items + 1} counts >= 0 (ids 0..num_items)")
+        counts[0] = 0.0
+        buffer = self.history_prior.item_log_count
+        buffer.copy_(torch.log1p(counts).to(buffer.device, buffer.dtype))
 
     def sample_negatives(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | float]:
         """`count` item ids drawn with replacement (uniformly over 1..N, or by target popularity) and the
@@ -893,7 +974,10 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         embeddings = self.missrec.item_embeddings
         ids = None if embeddings is None else embeddings(candidates)
         items = self._candidate_tokens(raw[:, candidate_columns], present[:, candidate_columns], ids, candidates)
-        logits = self.fusion(backbone.sequence_embedding, items) / config.temperature
+        scores = self.fusion(backbone.sequence_embedding, items)
+        if self.history_prior is not None:
+            scores = scores + self.history_prior(input_ids, attention_mask, self.item_features, candidates)
+        logits = scores / config.temperature
         # Only the candidates' entries: nothing in the step is as long as the catalogue.
         drawn = negative_probability[candidates] if torch.is_tensor(negative_probability) else negative_probability
         expected = len(labels) * self._target_probability_or_raise()[candidates] + len(negatives) * drawn
@@ -914,10 +998,25 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         )
 
     @torch.no_grad()
-    def score_items(self, sequence_embedding: torch.Tensor, items: ItemTokens, start: int, end: int) -> torch.Tensor:
+    def score_items(
+        self,
+        sequence_embedding: torch.Tensor,
+        items: ItemTokens,
+        start: int,
+        end: int,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Scores (before temperature) of item ids `start..end-1`: the block function of the streaming
-        full-ranking evaluator, so evaluation and recommendation use exactly the training scores."""
-        return self.fusion(sequence_embedding, items.slice(start, end))
+        full-ranking evaluator, so evaluation and recommendation use exactly the training scores. A model with
+        a history prior needs the histories (`input_ids`, `attention_mask`) the sequences were encoded from."""
+        scores = self.fusion(sequence_embedding, items.slice(start, end))
+        if self.history_prior is None:
+            return scores
+        if input_ids is None:
+            raise ValueError("this model has a history prior (config.history_prior): pass the histories' input_ids")
+        ids = torch.arange(start, end, device=sequence_embedding.device)
+        return scores + self.history_prior(input_ids, attention_mask, self.item_features, ids)
 
 
 @dataclass

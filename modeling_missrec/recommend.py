@@ -62,6 +62,12 @@ class MissrecRecommender:
         in `index_dir` for this catalogue are reused; otherwise they are built."""
         if index not in INDEX_KINDS:
             raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
+        if index != "exact" and model.config.history_prior:
+            # The lists bound the fused score only; the prior's history terms are not yet in the bound.
+            raise ValueError(
+                f"index={index!r} does not certify a model with a history prior (config.history_prior=True); "
+                "use index='exact'"
+            )
         self.model = model.eval()
         self.model.check_inputs = True
         self.block_size = block_size
@@ -137,7 +143,7 @@ class MissrecRecommender:
         input_ids = self.pad(histories)
         sequence = self.model.encode(input_ids).sequence_embedding
         items = self.model.item_tokens()
-        scores = self.model.score_items(sequence, items, 1, self.model.config.num_items + 1)
+        scores = self.model.score_items(sequence, items, 1, self.model.config.num_items + 1, input_ids)
         return torch.cat([torch.full_like(scores[:, :1], float("-inf")), scores], dim=1)
 
     @torch.no_grad()
@@ -160,7 +166,7 @@ class MissrecRecommender:
                 top_scores, top_items = found.scores, found.item_ids
             else:
                 top_scores, top_items = streaming_topk(
-                    lambda s, e, sequence=sequence: self.model.score_items(sequence, items, s, e),
+                    lambda s, e, sequence=sequence, ids=input_ids: self.model.score_items(sequence, items, s, e, ids),
                     self.model.config.num_items,
                     k,
                     self.block_size,
@@ -230,6 +236,9 @@ class MissrecRecommender:
             setattr(model, f"{m}_features", torch.cat([buffer, new[m].to(buffer.dtype)]))
         model.item_modality_present = torch.cat([model.item_modality_present, present], dim=1)
         tokenizer.item_interest_ids = torch.cat([tokenizer.item_interest_ids, new_interests], dim=1)
+        if model.history_prior is not None:  # a new item has never been a training target
+            counts = model.history_prior.item_log_count
+            model.history_prior.item_log_count = torch.cat([counts, counts.new_zeros(count)])
         first = config.num_items + 1
         config.num_items += count
         if self.raw_item_ids is not None:

@@ -496,6 +496,8 @@ def wrap_with_lora(model: MissrecForSequentialRecommendation, model_args: ModelA
     modules_to_save = [f"adaptors.{m}" for m in model.config.modalities] + ["input_layer_norm", "fusion"]
     if model.config.use_item_ids:
         modules_to_save.append("item_embeddings")
+    if model.history_prior is not None:
+        modules_to_save.append("history_prior")
     config = LoraConfig(
         r=model_args.lora_rank,
         lora_alpha=model_args.lora_alpha,
@@ -506,7 +508,7 @@ def wrap_with_lora(model: MissrecForSequentialRecommendation, model_args: ModelA
     return get_peft_model(model, config)
 
 
-CATALOGUE_SPECIFIC = ("_features", "item_modality_present", "interest_tokenizer.")
+CATALOGUE_SPECIFIC = ("_features", "item_modality_present", "interest_tokenizer.", "history_prior.item_log_count")
 BACKBONE_CORE = ("missrec.position_embeddings.", "missrec.encoder.", "missrec.decoder.", "missrec.input_layer_norm.")
 
 
@@ -652,7 +654,9 @@ def evaluate_ranking(
         # The target's score is read from its own block: the same arithmetic as its competitors, so ties
         # between items with identical features count against the target as they should.
         result = streaming_ranks(
-            lambda start, end, s=sequence: model.score_items(s, items, start, end),
+            lambda start, end, s=sequence, i=input_ids, m=batch["attention_mask"]: model.score_items(
+                s, items, start, end, i, m
+            ),
             labels,
             model.config.num_items,
             block_size=block_size,
@@ -1053,9 +1057,11 @@ class MissrecTrainer(_AcceleratedLoop):
             args.group_factor,
             args.dataloader_num_workers,
         )
+        counts = np.bincount(self.train_loader.dataset.targets, minlength=model.config.num_items + 1)
         if model.config.loss_type == "sampled":  # the in-batch candidates' probabilities, for the logQ correction
-            targets = self.train_loader.dataset.targets
-            base.set_target_frequencies(np.bincount(targets, minlength=model.config.num_items + 1))
+            base.set_target_frequencies(counts)
+        if model.config.history_prior:  # the prior's popularity term: this catalogue's training targets
+            base.set_item_popularity(counts)
         eval_per_device = max(1, args.eval_batch_size // world)
         # Batches of unequal size are safe with one process only (see LengthGroupedBatchSampler).
         min_fill = args.eval_min_fill if world == 1 else 0.0

@@ -1,0 +1,190 @@
+"""The history prior (`config.history_prior`): its score terms as documented, the same scores whether the
+catalogue is scored whole, in blocks or on sampled candidates, saved with the model, learned by training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_trainer import TINY
+
+from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
+from modeling_missrec.data import load_atomic_dataset, load_item_catalog
+from modeling_missrec.modeling_missrec import MissrecHistoryPrior, _in_history
+from modeling_missrec.recommend import MissrecRecommender
+from modeling_missrec.trainer import MissrecTrainer, ModelArguments, TrainingArguments, build_model
+
+NUM_ITEMS = 30
+HISTORY = torch.tensor([[3, 4, 5, 0], [7, 8, 9, 10], [12, 0, 0, 0], [3, 30, 0, 0]])
+
+
+def tiny_model(use_item_ids: bool = True, prior: bool = True, **overrides) -> MissrecForSequentialRecommendation:
+    torch.manual_seed(0)
+    config = MissrecConfig(
+        hidden_size=16, num_attention_heads=2, intermediate_size=32, text_feature_size=8, image_feature_size=6,
+        num_items=NUM_ITEMS, max_seq_length=10, use_item_ids=use_item_ids, hidden_dropout_prob=0.0,
+        attention_dropout_prob=0.0, fusion_factor_init=1.5, history_prior=prior, **overrides,
+    )  # fmt: skip
+    model = MissrecForSequentialRecommendation(config)
+    image = torch.randn(NUM_ITEMS, 6)
+    image[::4] = 0  # some items have no image: their image cosine is 0
+    model.load_item_features({"text": torch.randn(NUM_ITEMS, 8), "image": image})
+    model.refresh_interests(seed=0)
+    return model.eval()
+
+
+def set_weights(model, text=0.7, image=-0.3, history=-1.2, count=0.4) -> torch.Tensor:
+    counts = torch.arange(NUM_ITEMS + 1) % 7
+    model.set_item_popularity(counts)
+    with torch.no_grad():
+        model.history_prior.weight.copy_(torch.tensor([text, image, history, count]) / MissrecHistoryPrior.WEIGHT_SCALE)
+    return counts
+
+
+def reference_prior(model, history: torch.Tensor, counts: torch.Tensor, weights) -> torch.Tensor:
+    """The documented terms, one user and one item at a time."""
+    text, image, in_history, count = weights
+    features = model.item_features
+    rows = []
+    for row in history.tolist():
+        last = [i for i in row if i != 0][-1]
+        scores = []
+        for item in range(NUM_ITEMS + 1):
+            cosines = [F.cosine_similarity(features[m][last], features[m][item], dim=0, eps=1e-12) for m in features]
+            cosines = [0.0 if features[m][item].abs().sum() == 0 or features[m][last].abs().sum() == 0 else c
+                       for m, c in zip(features, cosines)]  # fmt: skip
+            value = text * cosines[0] + image * cosines[1] + in_history * (item in row and item != 0)
+            scores.append(float(value + count * np.log1p(float(counts[item]))))
+        rows.append(scores)
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("use_item_ids", [True, False])
+def test_the_prior_adds_exactly_its_documented_terms_to_the_logits(use_item_ids):
+    plain = tiny_model(use_item_ids, prior=False)
+    model = tiny_model(use_item_ids)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    weights = (0.7, -0.3, -1.2, 0.4)
+    counts = set_weights(model, *weights)
+    with torch.no_grad():
+        added = (model(HISTORY).logits - plain(HISTORY).logits)[:, 1:] * model.config.temperature
+    torch.testing.assert_close(added, reference_prior(model, HISTORY, counts, weights)[:, 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_a_new_prior_scores_as_the_model_without_it():
+    plain = tiny_model(prior=False)
+    model = tiny_model()
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["history_prior.item_log_count", "history_prior.weight"] and not unexpected
+    model.set_item_popularity(torch.arange(NUM_ITEMS + 1))  # counts alone change nothing while the weights are 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(HISTORY).logits, plain(HISTORY).logits)
+
+
+@settings(max_examples=25, deadline=None)
+@given(block=st.integers(1, NUM_ITEMS + 3))
+def test_blocks_of_the_evaluator_score_as_the_whole_catalogue(block):
+    model = tiny_model()
+    set_weights(model)
+    with torch.no_grad():
+        full = model(HISTORY).logits[:, 1:] * model.config.temperature
+        sequence = model.encode(HISTORY).sequence_embedding
+        items = model.item_tokens()
+        edges = list(range(1, NUM_ITEMS + 1, block)) + [NUM_ITEMS + 1]
+        parts = [model.score_items(sequence, items, s, e, HISTORY) for s, e in zip(edges, edges[1:])]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="history prior"):
+        model.score_items(sequence, items, 1, 5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_history_membership_matches_a_brute_force_check(data):
+    batch, length = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 6))
+    history = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 12), min_size=length, max_size=length),
+                                               min_size=batch, max_size=batch)))  # fmt: skip
+    ids = torch.tensor(data.draw(st.lists(st.integers(0, 12), min_size=1, max_size=15)))
+    expected = torch.tensor([[int(i) in row.tolist() for i in ids] for row in history])
+    assert torch.equal(_in_history(history, ids, 13), expected)
+
+
+def test_the_sampled_loss_sees_the_same_prior_on_its_candidates():
+    model = tiny_model(loss_type="sampled", num_negatives=9).train()
+    set_weights(model)
+    counts = torch.ones(NUM_ITEMS + 1)
+    model.set_target_frequencies(counts)
+    labels = torch.tensor([6, 11, 13, 2])
+    torch.manual_seed(3)
+    sampled = model(HISTORY, labels=labels).logits
+    torch.manual_seed(3)
+    negatives, drawn = model.sample_negatives(9, HISTORY.device)
+    model.config.loss_type = "full"
+    full = model(HISTORY, labels=labels).logits
+    candidates = torch.cat([labels, negatives])
+    expected = len(labels) * model.target_probability[candidates] + len(negatives) * drawn
+    reference = full[:, candidates] - expected.log()
+    finite = torch.isfinite(sampled)
+    torch.testing.assert_close(sampled[finite], reference[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_saved_and_loaded_with_the_model_and_served_by_the_exact_recommender(tmp_path):
+    model = tiny_model(use_item_ids=False)
+    set_weights(model, history=-5.0)  # below any fused score + cosine: history items rank last
+    model.save_pretrained(tmp_path / "m")
+    loaded = MissrecForSequentialRecommendation.from_pretrained(tmp_path / "m").eval()
+    assert loaded.history_prior.weights() == pytest.approx(model.history_prior.weights())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(HISTORY).logits, model(HISTORY).logits)
+    recommender = MissrecRecommender(loaded)
+    top = recommender.recommend([[3, 4, 5]], k=NUM_ITEMS)[0]
+    scores = recommender.scores([[3, 4, 5]])[0]
+    assert [r.item_id for r in top][:5] == scores[1:].argsort(descending=True)[:5].add(1).tolist()
+    assert {r.item_id for r in top[-3:]} == {3, 4, 5}
+    new = recommender.add_items({"text": torch.randn(2, 8).numpy(), "image": torch.zeros(2, 6).numpy()})
+    assert new == [NUM_ITEMS + 1, NUM_ITEMS + 2]
+    assert loaded.history_prior.item_log_count[-2:].tolist() == [0.0, 0.0]  # never a training target
+    assert recommender.scores([[3, NUM_ITEMS + 1]]).shape == (1, NUM_ITEMS + 3)
+    with pytest.raises(ValueError, match="history prior"):
+        MissrecRecommender(loaded, index="torch")
+
+
+def write_twin_dataset(folder, num_pairs=20, num_users=200, seed=0):
+    """Items come in pairs with nearly equal text rows; each history's next item is its last item's twin."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    header = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    rows = {"train": [], "valid": [], "test": []}
+    for user in range(num_users):
+        walk = [int(i) for i in rng.choice(2 * num_pairs, size=int(rng.integers(4, 7)))]
+        for t in range(1, len(walk) - 1):
+            rows["train"].append(f"{user}\t{' '.join(map(str, walk[:t]))}\t{walk[t - 1] ^ 1}\n")
+        for split, t in (("valid", len(walk) - 1), ("test", len(walk))):
+            rows[split].append(f"{user}\t{' '.join(map(str, walk[:t]))}\t{walk[t - 1] ^ 1}\n")
+    for split, lines in rows.items():
+        (folder / f"Twin.{split}.inter").write_text(header + "".join(lines))
+    (folder / "Twin.item2index").write_text("".join(f"item{i}\t{i}\n" for i in range(2 * num_pairs)))
+    (folder / "Twin.user2index").write_text("".join(f"user{u}\t{u}\n" for u in range(num_users)))
+    base = rng.normal(size=(num_pairs, 12))
+    text = np.repeat(base, 2, axis=0) + 0.05 * rng.normal(size=(2 * num_pairs, 12))
+    np.save(folder / "Twin.text.npy", text.astype(np.float32))
+    return folder
+
+
+def test_training_learns_to_use_the_twin_of_the_last_item(tmp_path):
+    folder = write_twin_dataset(tmp_path / "data")
+    dataset = load_atomic_dataset(folder, cache_dir=tmp_path / "cache")
+    catalog = load_item_catalog(folder, feature_files={"text": "Twin.text.npy"})
+    torch.manual_seed(0)
+    model = build_model(ModelArguments(mode="inductive", config_overrides=TINY + ",history_prior=true"), catalog)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), num_train_epochs=6, train_batch_size=64, eval_batch_size=50,
+        learning_rate=5e-3, seed=7, report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    metrics = MissrecTrainer(model, dataset, catalog, args).train()
+    weights = model.history_prior.weights()
+    assert weights["text_cosine"] > 0.5 and weights["in_history"] < -0.5, weights
+    assert metrics["test"]["hr@10"] > 0.9, metrics["test"]
+    assert float(model.history_prior.item_log_count.max()) > 0  # the trainer gave it the target counts
