@@ -87,6 +87,9 @@ class MissrecConfig(PreTrainedConfig):
             last history item's, per modality; whether it is in the history; log(1 + its count as a training
             target). Not in the original. On Scientific a ranking by the first and third terms alone, with no
             training, beats the trained original model (`bench/zero_shot_baselines.py`).
+        history_prior_init (`dict`, None): the prior's starting weights in score units, by term
+            (`"<modality>_cosine"`, `"in_history"`, `"log_count"`; absent terms start at 0): what a pre-trained
+            model calibrated on its own domains hands to a new one (zero-shot uses them as they are).
 
     Fine-tuning loss
         loss_type (`str`, "full"): "full", cross-entropy over the whole catalogue (the original); "sampled",
@@ -138,6 +141,7 @@ class MissrecConfig(PreTrainedConfig):
     id_score_weight: float = 1.0 / 3.0
     temperature: float = 0.07
     history_prior: bool = False
+    history_prior_init: dict | None = None
     seq_seq_loss_weight: float = 1e-3
     item_drop_ratio: float = 0.2
     item_drop_prob: float = 0.9
@@ -201,6 +205,16 @@ class MissrecConfig(PreTrainedConfig):
         _require_choice("loss_type", self.loss_type, LOSS_TYPES)
         _require_choice("negative_sampling", self.negative_sampling, NEGATIVE_SAMPLERS)
         _require("num_negatives", self.num_negatives, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+        terms = {f"{m}_cosine" for m in KNOWN_MODALITIES} | {"in_history", "log_count"}
+        _require(
+            "history_prior_init",
+            self.history_prior_init,
+            lambda v: (
+                v is None
+                or (isinstance(v, dict) and set(v) <= terms and all(math.isfinite(float(x)) for x in v.values()))
+            ),
+            f"None or a dict of finite weights with keys from {sorted(terms)}",
+        )
 
 
 def _require(name: str, value, is_valid, allowed: str) -> None:

@@ -370,7 +370,7 @@ class MissrecPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MissrecFusionHead):
             init.constant_(module.fusion_factor, self.config.fusion_factor_init)
         elif isinstance(module, MissrecHistoryPrior):
-            init.zeros_(module.weight)
+            init.copy_(module.weight, module.initial_weight(self.config))
             init.zeros_(module.item_log_count)
         elif isinstance(module, MissrecForSequentialRecommendation):
             for name in module.feature_buffer_names():
@@ -651,7 +651,8 @@ class MissrecHistoryPrior(nn.Module):
     - log(1 + the candidate's count as a training target): the fused score is a cosine and has no room for
       a per-item popularity (nor has an inductive model anywhere else).
 
-    The weights start at 0, so a new head scores as the model without the prior, and are trained with the rest.
+    The weights start at 0 (or at `config.history_prior_init`), so a new head scores as the model without the
+    prior, and are trained with the rest.
     They are stored divided by `WEIGHT_SCALE`: Adam moves a parameter by about the learning rate per step, and
     at lr 1e-3 a fine-tuning run of a few hundred steps would otherwise never reach the weights of order 1 (in
     cosine units) that the blend search of `bench/hybrid_scores.py` picks."""
@@ -664,35 +665,57 @@ class MissrecHistoryPrior(nn.Module):
         self.weight = nn.Parameter(torch.zeros(len(self.modalities) + 2))  # [cosine per modality, history, log count]
         self.register_buffer("item_log_count", torch.zeros(config.num_items + 1))
 
+    def term_names(self) -> list[str]:
+        return [f"{m}_cosine" for m in self.modalities] + ["in_history", "log_count"]
+
     def weights(self) -> dict[str, float]:
-        """The learned weights in score units, by term (for logs and model cards)."""
-        names = [f"{m}_cosine" for m in self.modalities] + ["in_history", "log_count"]
-        return dict(zip(names, (self.weight.detach() * self.WEIGHT_SCALE).tolist()))
+        """The learned weights in score units, by term (the form of `config.history_prior_init`)."""
+        return dict(zip(self.term_names(), (self.weight.detach() * self.WEIGHT_SCALE).tolist()))
+
+    def initial_weight(self, config: MissrecConfig) -> torch.Tensor:
+        """The stored (scaled-down) starting weights from `config.history_prior_init`; 0 for absent terms."""
+        start = config.history_prior_init or {}
+        return torch.tensor([float(start.get(n, 0.0)) / self.WEIGHT_SCALE for n in self.term_names()])
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         features: Mapping[str, torch.Tensor],
-        item_ids: torch.Tensor,
+        item_ids: torch.Tensor | range,
     ) -> torch.Tensor:
-        """Prior scores `[B, C]` of the candidates `item_ids` `[C]` for the histories `input_ids` `[B, L]`."""
+        """Prior scores `[B, C]` of the candidates `item_ids` (a `[C]` tensor, or a `range` of ids: a catalogue
+        block, read by slicing) for the histories `input_ids` `[B, L]`."""
         weight = self.weight * self.WEIGHT_SCALE
         real = input_ids != 0 if attention_mask is None else attention_mask.bool()
         positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
         last = input_ids.gather(1, (real * positions).argmax(1, keepdim=True)).squeeze(1)  # any padding side
-        seen = _in_history(input_ids, item_ids, self.item_log_count.shape[0])
-        scores = weight[-2] * seen.to(weight.dtype) + weight[-1] * self.item_log_count[item_ids].unsqueeze(0)
+        if isinstance(item_ids, range):
+            block = slice(item_ids.start, item_ids.stop)
+            seen = _in_history_block(input_ids, item_ids.start, len(item_ids))
+        else:
+            block = item_ids
+            seen = _in_history(input_ids, item_ids, self.item_log_count.shape[0])
+        scores = weight[-2] * seen.to(weight.dtype) + weight[-1] * self.item_log_count[block].unsqueeze(0)
         for index, m in enumerate(self.modalities):
             table = features[m]
             query = F.normalize(table[last], dim=-1)  # an all-zero (missing) row stays zero: cosine 0
-            scores = scores + weight[index] * (query @ F.normalize(table[item_ids], dim=-1).T)
+            scores = scores + weight[index] * (query @ F.normalize(table[block], dim=-1).T)
         return scores
 
 
+def _in_history_block(input_ids: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """`[B, width]` bool: whether item ids `start..start+width-1` are in each row's history (a scatter of the
+    history into the block; ids outside it land in a spare last column)."""
+    offset = input_ids - start
+    offset = torch.where((offset >= 0) & (offset < width), offset, width)
+    seen = torch.zeros(input_ids.shape[0], width + 1, dtype=torch.bool, device=input_ids.device)
+    return seen.scatter_(1, offset, True)[:, :width]
+
+
 def _in_history(input_ids: torch.Tensor, item_ids: torch.Tensor, id_bound: int) -> torch.Tensor:
-    """`[B, C]` bool: whether each candidate id is among each row's history ids, by a sorted search over
-    (row, id) keys: `O((B L + B C) log(B L))`, with no `[B, num_items]` table (catalogues of millions)."""
+    """`[B, C]` bool: whether each candidate id (any ids, e.g. sampled ones) is among each row's history ids, by a
+    sorted search over (row, id) keys: `O((B L + B C) log(B L))`, with no `[B, num_items]` table."""
     rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1) * id_bound
     keys = (rows + input_ids).reshape(-1).sort().values
     queries = (rows + item_ids.unsqueeze(0)).reshape(-1)
@@ -802,6 +825,15 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
             module.requires_grad_(False)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def train_only_history_prior(self) -> int:
+        """Freeze everything but the history prior's weights (calibrating a pre-trained model on a domain).
+        Returns the number of trainable parameters."""
+        if self.history_prior is None:
+            raise ValueError("finetune_method='prior' needs a model with a history prior (config history_prior=true)")
+        self.requires_grad_(False)
+        self.history_prior.weight.requires_grad_(True)
+        return self.history_prior.weight.numel()
+
     def refresh_interests(self, seed: int = 0) -> int:
         """Re-cluster the interests over this catalogue (see [`MissrecModel.refresh_interests`]). Returns K."""
         return self.missrec.refresh_interests(self.item_features, self.item_modality_present, seed=seed)
@@ -886,7 +918,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         backbone = self.encode(input_ids, attention_mask, raw_tokens=raw)
         scores = self.fusion(backbone.sequence_embedding, self.item_tokens(raw))
         if self.history_prior is not None:
-            ids = torch.arange(self.config.num_items + 1, device=input_ids.device)
+            ids = range(self.config.num_items + 1)
             scores = scores + self.history_prior(input_ids, attention_mask, self.item_features, ids)
         logits = scores / self.config.temperature
         logits = torch.cat([torch.full_like(logits[:, :1], float("-inf")), logits[:, 1:]], dim=1)
@@ -1015,8 +1047,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
             return scores
         if input_ids is None:
             raise ValueError("this model has a history prior (config.history_prior): pass the histories' input_ids")
-        ids = torch.arange(start, end, device=sequence_embedding.device)
-        return scores + self.history_prior(input_ids, attention_mask, self.item_features, ids)
+        return scores + self.history_prior(input_ids, attention_mask, self.item_features, range(start, end))
 
 
 @dataclass

@@ -225,7 +225,7 @@ class TrainingArguments:
         return self.length_group_batches if self.group_by_length else 1
 
 
-FINETUNE_METHODS = ("full", "frozen", "lora")
+FINETUNE_METHODS = ("full", "frozen", "lora", "prior")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -299,7 +299,8 @@ class ModelArguments:
             "help": "full: train everything. frozen: the paper's transfer recipe (position embedding, encoder and "
             "decoder frozen; adaptors, input LayerNorm, fusion factor and ID table trained). lora: LoRA (peft) on "
             "every attention q/k/v/o projection, with the adaptors, input LayerNorm, fusion head and ID table "
-            "trained in full."
+            "trained in full. prior: only the history prior's weights (config history_prior=true; a handful of "
+            "numbers: calibrating a pre-trained model on a domain)."
         },
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
@@ -320,6 +321,11 @@ class ModelArguments:
             raise ValueError(
                 f"finetune_method={self.finetune_method!r} needs model_name_or_path (a pre-trained MISSRec): "
                 "without one it would freeze or adapt a random backbone; allowed without it: 'full'."
+            )
+        if self.finetune_method == "prior" and self.mode != "inductive":
+            raise ValueError(
+                "finetune_method='prior' trains the history prior alone; a transductive model's new ID table would "
+                "stay random: use --mode inductive, or finetune_method 'frozen' / 'full'."
             )
         _check("lora_rank", self.lora_rank, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
         _check("lora_alpha", self.lora_alpha, lambda v: v > 0, "a number > 0")
@@ -455,6 +461,8 @@ def build_model(model_args: ModelArguments, catalog: ItemCatalog) -> MissrecForS
     model.load_item_features(catalog.features, catalog.present)
     if model_args.finetune_method == "frozen":
         model.freeze_backbone_for_transfer()
+    elif model_args.finetune_method == "prior":
+        model.train_only_history_prior()
     elif model_args.finetune_method == "lora":
         model = wrap_with_lora(model, model_args)
     return model

@@ -13,7 +13,7 @@ from test_trainer import TINY
 
 from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog
-from modeling_missrec.modeling_missrec import MissrecHistoryPrior, _in_history
+from modeling_missrec.modeling_missrec import MissrecHistoryPrior, _in_history, _in_history_block
 from modeling_missrec.recommend import MissrecRecommender
 from modeling_missrec.trainer import MissrecTrainer, ModelArguments, TrainingArguments, build_model
 
@@ -109,6 +109,9 @@ def test_history_membership_matches_a_brute_force_check(data):
     ids = torch.tensor(data.draw(st.lists(st.integers(0, 12), min_size=1, max_size=15)))
     expected = torch.tensor([[int(i) in row.tolist() for i in ids] for row in history])
     assert torch.equal(_in_history(history, ids, 13), expected)
+    start, width = data.draw(st.integers(0, 12)), data.draw(st.integers(1, 14))
+    block = torch.tensor([[i in row.tolist() for i in range(start, start + width)] for row in history])
+    assert torch.equal(_in_history_block(history, start, width), block.reshape(batch, width))
 
 
 def test_the_sampled_loss_sees_the_same_prior_on_its_candidates():
@@ -151,7 +154,7 @@ def test_saved_and_loaded_with_the_model_and_served_by_the_exact_recommender(tmp
         MissrecRecommender(loaded, index="torch")
 
 
-def write_twin_dataset(folder, num_pairs=20, num_users=200, seed=0):
+def write_twin_dataset(folder, num_pairs=20, num_users=200, seed=0, text_width=12):
     """Items come in pairs with nearly equal text rows; each history's next item is its last item's twin."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,8 +170,8 @@ def write_twin_dataset(folder, num_pairs=20, num_users=200, seed=0):
         (folder / f"Twin.{split}.inter").write_text(header + "".join(lines))
     (folder / "Twin.item2index").write_text("".join(f"item{i}\t{i}\n" for i in range(2 * num_pairs)))
     (folder / "Twin.user2index").write_text("".join(f"user{u}\t{u}\n" for u in range(num_users)))
-    base = rng.normal(size=(num_pairs, 12))
-    text = np.repeat(base, 2, axis=0) + 0.05 * rng.normal(size=(2 * num_pairs, 12))
+    base = rng.normal(size=(num_pairs, text_width))
+    text = np.repeat(base, 2, axis=0) + 0.05 * rng.normal(size=(2 * num_pairs, text_width))
     np.save(folder / "Twin.text.npy", text.astype(np.float32))
     return folder
 
@@ -188,3 +191,42 @@ def test_training_learns_to_use_the_twin_of_the_last_item(tmp_path):
     assert weights["text_cosine"] > 0.5 and weights["in_history"] < -0.5, weights
     assert metrics["test"]["hr@10"] > 0.9, metrics["test"]
     assert float(model.history_prior.item_log_count.max()) > 0  # the trainer gave it the target counts
+
+
+def test_starting_weights_come_from_the_config_and_loading_keeps_the_learned_ones(tmp_path):
+    model = tiny_model(history_prior_init={"text_cosine": 2.0, "log_count": 0.5})
+    assert model.history_prior.weights() == pytest.approx(
+        {"text_cosine": 2.0, "image_cosine": 0.0, "in_history": 0.0, "log_count": 0.5}
+    )
+    set_weights(model, text=0.1, image=0.2, history=-0.3, count=0.4)
+    model.save_pretrained(tmp_path / "m")
+    loaded = MissrecForSequentialRecommendation.from_pretrained(tmp_path / "m")
+    assert loaded.history_prior.weights() == pytest.approx(
+        {"text_cosine": 0.1, "image_cosine": 0.2, "in_history": -0.3, "log_count": 0.4}
+    )  # the learned weights, not the configured start
+    with pytest.raises(ValueError, match="history_prior_init"):
+        MissrecConfig(history_prior=True, history_prior_init={"audio_cosine": 1.0})
+
+
+def test_calibrating_only_the_prior_of_the_shipped_backbone(tmp_path):
+    from test_shipped_model import SHIPPED
+
+    folder = write_twin_dataset(tmp_path / "data", text_width=384)
+    dataset = load_atomic_dataset(folder, cache_dir=tmp_path / "cache")
+    catalog = load_item_catalog(folder, feature_files={"text": "Twin.text.npy"})
+    prior = "history_prior=true"
+    arguments = ModelArguments(str(SHIPPED), mode="inductive", finetune_method="prior", config_overrides=prior)
+    model = build_model(arguments, catalog)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["history_prior.weight"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), num_train_epochs=3, train_batch_size=64, eval_batch_size=50,
+        learning_rate=5e-3, seed=7, report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    MissrecTrainer(model, dataset, catalog, args).train()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed == ["history_prior.weight"]
+    weights = model.history_prior.weights()
+    assert weights["text_cosine"] > 0.1 and weights["in_history"] < -0.1, weights
+    with pytest.raises(ValueError, match="--mode inductive"):
+        ModelArguments(model_name_or_path=str(SHIPPED), finetune_method="prior", mode="transductive")
