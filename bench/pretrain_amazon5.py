@@ -21,6 +21,10 @@ run resumes at the step it was in (feature extraction resumes inside the step, c
             `-heldout` folders as `validation_dirs` -> `<work_dir>/pretrain/`
   ship      the epoch with the best mean zero-shot valid NDCG@10 over the held-out users (validation only),
             saved with its model card to `pretrained/missrec-amazon5-minilm/` (or --ship_dir)
+  calibrate the history prior (`config.history_prior`: last-item cosine, in-history, log count) fitted alone
+            (`--finetune_method prior`, the backbone frozen) on each domain's held-out users, from the shipped
+            model; the mean of the five domains' weights goes into the shipped config as `history_prior_init`,
+            so that a new domain, zero-shot included, starts from weights learned on other domains
 
 Timings and the corpus statistics go to `<output_dir>/pretrain_amazon5.json` (and `.md`).
 """
@@ -53,7 +57,7 @@ from common import (
 )
 
 DOMAINS = ("Games", "Tools", "Toys", "Sports", "Electronics")
-STEPS = ("convert", "features", "split", "pretrain", "ship")
+STEPS = ("convert", "features", "split", "pretrain", "ship", "calibrate")
 SHIPPED = REPO_ROOT / "pretrained" / "missrec-amazon5-minilm"
 SPLITS = ("train", "valid", "test")
 FEATURES = "{name}.text_minilm.npy"
@@ -80,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_RESULTS_DIR, help="Where the timings go.")
     parser.add_argument("--ship_dir", type=Path, default=SHIPPED, help="Where the ship step writes the model.")
+    parser.add_argument("--calibrate_epochs", type=int, default=20, help="Epochs of the history prior's fit.")
+    parser.add_argument(
+        "--calibrate_learning_rate", type=float, default=0.01, help="Learning rate of the prior's fit (3 numbers)."
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.domains) - set(DOMAINS))
     if unknown:
@@ -272,6 +280,66 @@ def ship(args, results: dict) -> dict:
     return {"epoch": best["epoch"], "path": shown, "bytes": size}
 
 
+def calibrate(args, results: dict) -> dict:
+    """Fit the history prior alone on each domain's held-out users; ship the mean weights in the config."""
+    from modeling_missrec.modeling_missrec import MissrecForSequentialRecommendation
+
+    config_file = args.ship_dir / "config.json"
+    settings = {"epochs": args.calibrate_epochs, "learning_rate": args.calibrate_learning_rate}
+    key = fingerprint([args.ship_dir / "model.safetensors"], settings)
+    marker = args.work_dir / "calibrate" / ".calibrate.done.json"
+    if (record := done(marker, key)) is not None:
+        return record
+    started, domains = time.perf_counter(), {}
+    for domain in args.domains:
+        out = args.work_dir / "calibrate" / domain
+        command = [
+            sys.executable,
+            str(REPO_ROOT / "run_finetune.py"),
+            "--data_dir",
+            str(args.work_dir / f"{domain}-heldout"),
+        ]
+        command += ["--dataset_name", domain, "--text_features", FEATURES.format(name=domain), "--image_features", ""]
+        command += ["--mode", "inductive", "--model_name_or_path", str(args.ship_dir), "--finetune_method", "prior"]
+        command += ["--config_overrides", "history_prior=true", "--num_train_epochs", str(args.calibrate_epochs)]
+        command += ["--learning_rate", str(args.calibrate_learning_rate), "--output_dir", str(out)]
+        command += ["--overwrite_output_dir", "true", "--report_to", "none", "--disable_tqdm", "true"]
+        run(command, args.work_dir / "logs" / f"calibrate-{domain}.log")
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        weights = MissrecForSequentialRecommendation.from_pretrained(out).history_prior.weights()
+        domains[domain] = {"weights": weights, "valid": metrics["valid"], "test": metrics["test"]}
+        print(f"   {domain}: {weights}, valid NDCG@10 {metrics['valid']['ndcg@10']:.4f}", flush=True)
+    names = next(iter(domains.values()))["weights"]
+    mean = {n: float(np.mean([d["weights"][n] for d in domains.values()])) for n in names}
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.update(history_prior=True, history_prior_init=mean)
+    write_text_atomically(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    card = args.ship_dir / "README.md"
+    write_text_atomically(card, card.read_text(encoding="utf-8") + calibration_card(domains, mean))
+    return mark(marker, key, time.perf_counter() - started, domains=domains, mean_weights=mean)
+
+
+def calibration_card(domains: dict, mean: dict) -> str:
+    rows = [
+        [d, *(f"{r['weights'][n]:+.3f}" for n in mean), f"{r['valid']['ndcg@10']:.4f}", f"{r['test']['ndcg@10']:.4f}"]
+        for d, r in domains.items()
+    ]
+    rows.append(["mean (shipped)", *(f"{w:+.3f}" for w in mean.values()), "", ""])
+    table = markdown_table(["held-out domain", *mean, "valid NDCG@10", "test NDCG@10"], rows)
+    return "\n".join([
+        "",
+        "## History prior",
+        "",
+        "The config carries `history_prior: true` and `history_prior_init`: the weights (score units) of the last-item",
+        "feature cosine, the in-history indicator and log(1 + training-target count), fitted with the backbone frozen",
+        "(`--finetune_method prior`) on each domain's held-out users and averaged. A new domain starts from them;",
+        "zero-shot uses them as they are (with the new domain's own training-target counts).",
+        "",
+        table,
+        "",
+    ])  # fmt: skip
+
+
 def drop_code_copies(folder: Path) -> None:
     """The shipped folder lives beside the package that loads it: a copy of the model code there (what
     save_pretrained writes for trust_remote_code) would only go stale as the package moves on."""
@@ -387,6 +455,8 @@ def main(argv=None) -> None:
             results["pretrain"] = pretrain(args)
         elif step == "ship":
             results["ship"] = ship(args, results)
+        elif step == "calibrate":
+            results["calibrate"] = calibrate(args, results)
         else:
             function = {"convert": lambda d: convert(args, raw, d), "features": lambda d: features(args, d),
                         "split": lambda d: split(args, d)}[step]  # fmt: skip

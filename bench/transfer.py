@@ -29,6 +29,7 @@ skipped when started again. `<output_dir>/transfer.json` / `.md` hold the mean a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -75,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=REPO_ROOT / "pretrained" / "missrec-amazon5-minilm",
         help="The pre-trained backbone folder (the shipped one; bench/pretrain_amazon5.py writes it).",
     )
+    parser.add_argument(
+        "--model_overrides",
+        default="",
+        help="MissrecConfig fields for every method, 'name=value,...' (e.g. history_prior=true).",
+    )
     parser.add_argument("--num_threads", type=int, default=None, help="Torch threads of each run.")
     parser.add_argument("--max_steps_per_epoch", type=int, default=None, help="Cut epochs short (smoke tests).")
     parser.add_argument("--num_train_epochs", type=int, default=300, help="Maximum epochs per run.")
@@ -88,6 +94,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def backbone_fingerprint(folder: Path) -> str:
+    """Which pre-trained model a run started from: the same folder may be re-shipped (e.g. calibrated)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def run_group(run: dict) -> tuple:
+    """Runs that are seeds of one configuration: scratch and popularity have no backbone."""
+    backbone = "" if run["method"] in ("scratch", "popularity") else run.get("backbone", "")
+    overrides = json.dumps(run.get("model_overrides") or {}, sort_keys=True)
+    return (run["dataset"], run["mode"], run["regime"], run["method"], backbone, overrides)
+
+
 def method_flags(args, method: str, mode: str) -> tuple[dict, list[str]]:
     """The training overrides and finetune_quality flags of a method."""
     flags = ["--text_features", TEXT, "--train_users_fraction", str(REGIMES[args.regime])]
@@ -97,6 +118,18 @@ def method_flags(args, method: str, mode: str) -> tuple[dict, list[str]]:
     if method == "zero-shot":
         return {"do_train": False}, [*flags, "--image_features", ""]
     return {}, [*flags, "--finetune_method", method]
+
+
+def parse_model_overrides(text: str) -> dict:
+    """'a=1,b=true' -> {"a": 1, "b": True} (values read as JSON where they parse, else kept as text)."""
+    settings = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            settings[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[name.strip()] = value
+    return settings
 
 
 def popularity(args, data_root: Path, seed: int) -> dict:
@@ -126,25 +159,25 @@ def summarise(runs: list[dict]) -> list[dict]:
     groups: dict[tuple, dict[int, dict]] = {}
     for run in runs:
         if run.get("max_steps_per_epoch") is None:
-            key = (run["dataset"], run["mode"], run["regime"], run["method"])
-            groups.setdefault(key, {})[run["seed"]] = run
+            groups.setdefault(run_group(run), {})[run["seed"]] = run
     records = []
     order = {m: i for i, m in enumerate(METHODS)}
-    for (dataset, mode, regime, method), by_seed in sorted(
-        groups.items(), key=lambda kv: (*kv[0][:3], order[kv[0][3]])
+    for (dataset, mode, regime, method, backbone, overrides), by_seed in sorted(
+        groups.items(), key=lambda kv: (*kv[0][:3], kv[0][5], order[kv[0][3]], kv[0][4])
     ):
         seeds = sorted(by_seed)
         test = {m: mean_std([by_seed[s]["test"][m] for s in seeds]) for m in METRICS}
         valid = {m: mean_std([by_seed[s]["valid"][m] for s in seeds]) for m in METRICS}
         record = {
             "dataset": dataset, "mode": mode, "regime": regime, "method": method, "seeds": seeds,
+            "backbone": backbone, "model_overrides": json.loads(overrides),
             "trainable_params": by_seed[seeds[0]].get("trainable_params"),
             "test": {m: v[0] for m, v in test.items()}, "test_std": {m: v[1] for m, v in test.items()},
             "valid": {m: v[0] for m, v in valid.items()}, "valid_std": {m: v[1] for m, v in valid.items()},
             "seconds_per_epoch": statistics.fmean(by_seed[s]["seconds_per_epoch"] for s in seeds),
             "best_epochs": [by_seed[s]["best_epoch"] for s in seeds],
         }  # fmt: skip
-        base = groups.get((dataset, mode, regime, "scratch"))
+        base = groups.get((dataset, mode, regime, "scratch", "", overrides))
         if base is not None and method not in ("scratch", "popularity"):
             record["paired_vs_scratch"] = {
                 f"{split}_ndcg@10": paired(by_seed, base, split, "ndcg@10") for split in ("valid", "test")
@@ -161,7 +194,9 @@ def render(records: list[dict], header: dict, pretrained: str) -> str:
     ]
     lines += ["", f"Pre-trained backbone: `{pretrained}`. Mean ± standard deviation over the seeds; standard @K, full"]
     lines += [
-        "ranking, ties against the target. Paired Δ: method minus scratch on the same seeds (95% t interval).",
+        "ranking, ties against the target. Paired Δ: method minus scratch (same overrides) on the same seeds (95% t",
+        "interval). backbone: the first hex digits of the pre-trained folder's config and weights (a re-shipped",
+        "model, e.g. calibrated, is another backbone).",
         "",
     ]
     rows = []
@@ -169,12 +204,14 @@ def render(records: list[dict], header: dict, pretrained: str) -> str:
         pair = r.get("paired_vs_scratch", {}).get("test_ndcg@10")
         delta = "" if pair is None else f"{pair['mean']:+.4f} [{pair['ci95'][0]:+.4f}, {pair['ci95'][1]:+.4f}]"
         rows.append([
-            r["dataset"], r["mode"], r["regime"], r["method"], len(r["seeds"]), r["trainable_params"],
+            r["dataset"], r["mode"], r["regime"], r["method"], r["backbone"],
+            ",".join(f"{k}={v}" for k, v in r["model_overrides"].items()), len(r["seeds"]), r["trainable_params"],
             *(f"{r['test'][m]:.4f} ± {r['test_std'][m]:.4f}" for m in METRICS),
             f"{delta} {pair['verdict']}" if pair else "",
             " ".join(str(e) for e in r["best_epochs"]), f"{r['seconds_per_epoch']:.1f}",
         ])  # fmt: skip
-    headers = ["dataset", "mode", "regime", "method", "seeds", "trainable", "NDCG@10", "HR@10", "NDCG@50", "HR@50"]
+    headers = ["dataset", "mode", "regime", "method", "backbone", "overrides", "seeds", "trainable", "NDCG@10", "HR@10",
+               "NDCG@50", "HR@50"]  # fmt: skip
     lines.append(markdown_table([*headers, "paired Δ NDCG@10 vs scratch", "best epochs", "s/epoch"], rows))
     return "\n".join(lines) + "\n"  # fmt: skip
 
@@ -185,14 +222,19 @@ def main(argv=None) -> None:
     runs = json.loads(runs_path.read_text(encoding="utf-8"))["runs"] if runs_path.exists() else []
     if not args.summarise:
         data_root = resolve_data_root(args.data_root)
-        done = {
-            (r["dataset"], r["mode"], r["regime"], r["method"], r["seed"], r.get("max_steps_per_epoch"))
-            for r in runs
-            if r["method"] in ("scratch", "popularity") or r.get("pretrained") == str(args.pretrained)
-        }  # a run from another backbone is not this one
+        backbone = backbone_fingerprint(args.pretrained) if (args.pretrained / "config.json").exists() else ""
+        overrides = parse_model_overrides(args.model_overrides)
+        done = {(*run_group(r), r["seed"], r.get("max_steps_per_epoch")) for r in runs}  # a run of another
+        # backbone or other overrides is not this one
         grid = [(mode, seed, method) for mode in args.modes for seed in args.seeds for method in args.methods
                 if mode == "inductive" or method not in ("zero-shot", "popularity")]  # fmt: skip
-        todo = [g for g in grid if (args.dataset, g[0], args.regime, g[2], g[1], args.max_steps_per_epoch) not in done]
+
+        def key(mode, seed, method):
+            run = {"dataset": args.dataset, "mode": mode, "regime": args.regime, "method": method,
+                   "backbone": backbone, "model_overrides": overrides if method != "popularity" else {}}  # fmt: skip
+            return (*run_group(run), seed, args.max_steps_per_epoch)
+
+        todo = [g for g in grid if key(*g) not in done]
         print(f"{len(grid)} runs in the grid, {len(grid) - len(todo)} already done, {len(todo)} to run", flush=True)
         for index, (mode, seed, method) in enumerate(todo, 1):
             print(f"[{index}/{len(todo)}] {args.dataset} / {mode} / {args.regime} / {method} / seed {seed}", flush=True)
@@ -201,8 +243,10 @@ def main(argv=None) -> None:
             else:
                 training, flags = method_flags(args, method, mode)
                 name = f"{args.regime.rstrip('%')}-{method}-{seed}"
-                run = run_finetune_quality(args, data_root, mode, seed, name, {}, training, flags)
-            run.update(method=method, regime=args.regime, pretrained=str(args.pretrained))
+                tag = "-".join(f"{k}_{v}" for k, v in overrides.items())
+                name = f"{name}-{tag}" if tag else name
+                run = run_finetune_quality(args, data_root, mode, seed, name, overrides, training, flags)
+            run.update(method=method, regime=args.regime, pretrained=str(args.pretrained), backbone=backbone)
             runs = [*(json.loads(runs_path.read_text())["runs"] if runs_path.exists() else []), run]
             write_json_atomically(runs_path, {"runs": runs})
             write_summary(args, runs)
