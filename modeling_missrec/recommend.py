@@ -62,12 +62,6 @@ class MissrecRecommender:
         in `index_dir` for this catalogue are reused; otherwise they are built."""
         if index not in INDEX_KINDS:
             raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
-        if index != "exact" and model.config.history_prior:
-            # The lists bound the fused score only; the prior's history terms are not yet in the bound.
-            raise ValueError(
-                f"index={index!r} does not certify a model with a history prior (config.history_prior=True); "
-                "use index='exact'"
-            )
         self.model = model.eval()
         self.model.check_inputs = True
         self.block_size = block_size
@@ -79,6 +73,13 @@ class MissrecRecommender:
         self._index = {raw: i + 1 for i, raw in enumerate(self.raw_item_ids or [])}
         self.index_kind, self.index_options = index, index_options
         self.retriever = None if index == "exact" else self._build_retriever(index_dir)
+
+    def _fingerprint(self, items) -> str:
+        """The catalogue the saved lists were built for: the candidate tokens and, with a history prior, the
+        raw rows and counts its lists hold."""
+        prior = self.model.history_prior
+        extra = [] if prior is None else [*self.model.item_features.values(), prior.item_log_count]
+        return catalog_fingerprint(items, extra)
 
     @classmethod
     def from_pretrained(
@@ -99,11 +100,14 @@ class MissrecRecommender:
         lists = None
         if index_dir is not None:
             lists = FusedScoreRetriever.load_lists(
-                Path(index_dir), self.index_kind, catalog_fingerprint(items), **options
+                Path(index_dir), self.index_kind, self._fingerprint(items), **options
             )
             if lists is None:
                 logger.info("no saved %s lists for this catalogue in %s: building them", self.index_kind, index_dir)
-        return FusedScoreRetriever(items, self.model.fusion, self.index_kind, initial, lists, **options)
+        prior = self.model.history_prior
+        features = None if prior is None else self.model.item_features
+        kind, fusion = self.index_kind, self.model.fusion
+        return FusedScoreRetriever(items, fusion, kind, initial, lists, prior, features, **options)
 
     # ----------------------------------------------------------------------------------------- histories
     def item_ids(self, history: Sequence[str | int]) -> list[int]:
@@ -162,7 +166,7 @@ class MissrecRecommender:
             sequence = self.model.encode(input_ids).sequence_embedding
             exclude = input_ids if exclude_history else None
             if self.retriever is not None:
-                found = self.retriever.search(sequence, k, exclude)
+                found = self.retriever.search(sequence, k, exclude, input_ids=input_ids)
                 top_scores, top_items = found.scores, found.item_ids
             else:
                 top_scores, top_items = streaming_topk(
@@ -248,7 +252,7 @@ class MissrecRecommender:
                 self._index[raw] = first + offset
             self.raw_item_ids.extend(raw_item_ids)
         if self.retriever is not None:
-            self.retriever.add_items(model.item_tokens(), first)
+            self.retriever.add_items(model.item_tokens(), first, model.item_features)
         return list(range(first, first + count))
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
@@ -259,7 +263,7 @@ class MissrecRecommender:
             (Path(path) / ITEM_IDS_FILE).write_text(json.dumps({"raw_item_ids": self.raw_item_ids}))
         if self.retriever is not None:
             build = {k: v for k, v in self.index_options.items() if k in BUILD_OPTIONS}
-            self.retriever.save(Path(path) / INDEX_DIR, catalog_fingerprint(self.retriever.items), build)
+            self.retriever.save(Path(path) / INDEX_DIR, self._fingerprint(self.retriever.items), build)
 
 
 # -------------------------------------------------------------------------------------------- the Hub

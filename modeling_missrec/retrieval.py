@@ -9,6 +9,12 @@ list x. Re-rank the union of the top-C lists with the exact fused score; when th
 that bound, no item outside the union can enter the top-k, and the answer is the full scan's (a threshold-
 algorithm certificate). Otherwise C doubles, for the queries that are not yet certified.
 
+A model with a history prior (`config.history_prior`) adds to that score `a_m * cos(raw_m(last), raw_m(i))` per
+modality, `h * [i in history]` and `p * log(1 + count_i)`. Each is bounded the same way: one more inner-product
+list per modality over the normalised raw feature rows (queried with the last item's row, negated where
+`a_m < 0`), one list of the items by `sign(p) * log count`, and the history's items re-ranked exactly (outside
+the history the term is 0). The bound of an item outside every list's top-C is the sum of the terms' bounds.
+
 With exact lists (`faiss-flat`, or the `torch` flat lists) the certificate is a proof and the result equals the
 full scan by construction. With approximate lists (`faiss-ivf`, `faiss-hnsw`) the lists themselves may miss
 items, so the same test only says the bound was met: measure recall against the exact scan
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 
 from .atomic import recover_directory, replace_directory, write_atomically
-from .modeling_missrec import ItemTokens, MissrecFusionHead
+from .modeling_missrec import ItemTokens, MissrecFusionHead, MissrecHistoryPrior
 from .ranking import streaming_topk
 
 LIST_KINDS = ("torch", "faiss-flat", "faiss-ivf", "faiss-hnsw")
@@ -196,13 +202,22 @@ class FusedScoreRetriever:
         kind: str = "faiss-flat",
         initial_candidates: int = 128,
         lists: dict[str, InnerProductList] | None = None,
+        history_prior: MissrecHistoryPrior | None = None,
+        item_features: dict[str, torch.Tensor] | None = None,
         **list_options,
     ):
+        """`history_prior` and `item_features` (the model's raw feature buffers): for a model with the prior."""
+        if (history_prior is None) != (item_features is None):
+            raise ValueError("give history_prior and item_features together (a model with a history prior)")
         self.items, self.fusion, self.kind = items, fusion, kind
+        self.prior, self.features = history_prior, item_features
         self.initial_candidates = initial_candidates
         self.num_items = items.modality_tokens.shape[1] - 1
         self.id_weight = float(fusion.id_score_weight) if items.id_tokens is not None else 0.0
-        self.lists = lists if lists is not None else self._build_lists(items, kind, list_options)
+        if lists is None:
+            lists = self._build_lists(items, kind, list_options)
+            lists.update(self._build_prior_lists(1, kind, list_options))
+        self.lists = lists
         self._find_unlisted()
 
     def _find_unlisted(self) -> None:
@@ -238,9 +253,39 @@ class FusedScoreRetriever:
             for name, (vectors, ids) in cls.representations(items).items()
         }
 
-    def add_items(self, items: ItemTokens, first_new_id: int) -> None:
-        """Extend the lists with the items `first_new_id..N` of the grown catalogue `items`."""
-        for name, (vectors, ids) in self.representations(items, first_new_id).items():
+    def prior_representations(self, start: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(vectors, item ids) of the prior's lists over item ids `start..N`: `prior_<m>`, the normalised raw
+        rows of the items that have modality m; `prior_count`, each item's log count as a 1-d vector."""
+        if self.prior is None:
+            return {}
+        found = {}
+        for m in self.prior.modalities:
+            rows = self.features[m][start:].float()
+            has = rows.ne(0).any(1).cpu()
+            found[f"prior_{m}"] = (
+                torch.nn.functional.normalize(rows, dim=-1)[has.to(rows.device)],
+                (has.nonzero().squeeze(1) + start),
+            )
+        counts = self.prior.item_log_count[start:].float().unsqueeze(1)
+        found["prior_count"] = (counts, torch.arange(start, start + len(counts)))
+        return found
+
+    def _build_prior_lists(self, start: int, kind: str, options: dict) -> dict[str, InnerProductList]:
+        lists = {}
+        for name, (vectors, ids) in self.prior_representations(start).items():
+            # One number per item: an exact sorted list is as fast as any index and never approximate.
+            lists[name] = InnerProductList(vectors, ids, "torch" if name == "prior_count" else kind, **options)
+        return lists
+
+    def add_items(self, items: ItemTokens, first_new_id: int, item_features: dict[str, torch.Tensor] | None = None):
+        """Extend the lists with the items `first_new_id..N` of the grown catalogue `items` (and, with a history
+        prior, of the grown raw feature buffers `item_features`)."""
+        if self.prior is not None:
+            if item_features is None:
+                raise ValueError("add_items: a retriever with a history prior needs the grown item_features")
+            self.features = item_features
+        representations = {**self.representations(items, first_new_id), **self.prior_representations(first_new_id)}
+        for name, (vectors, ids) in representations.items():
             self.lists[name].add(vectors, ids)
         self.items = items
         self.num_items = items.modality_tokens.shape[1] - 1
@@ -248,8 +293,50 @@ class FusedScoreRetriever:
 
     # ---------------------------------------------------------------------------------------- search
     def bound(self, cutoffs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`[B]` the highest fused score an item outside every list's top-C can have, from each list's C-th
-        score. An item with no modality has fused score 0, so 0 joins the modality maximum when one exists."""
+        """`[B]` the highest score an item outside every list's top-C can have, from each list's C-th score
+        (the prior's lists' scores already carry the sign of their weight)."""
+        total = self.fused_bound(cutoffs)
+        if self.prior is None:
+            return total
+        # A list's C-th score bounds its term for the items it holds past the top C (-inf: it has none left); an
+        # item it does not hold (no row of that modality) has the term exactly 0. The in-history term is 0 off
+        # the history, whose items are always re-ranked exactly.
+        for name, weight in self.prior_list_weights().items():
+            if weight == 0:
+                continue
+            term = abs(weight) * cutoffs[name]
+            if len(self.lists[name]) < self.num_items:
+                term = term.clamp_min(0.0)
+            total = total + term
+        return total
+
+    def prior_list_weights(self) -> dict[str, float]:
+        """The weight (score units) of the term each prior list bounds."""
+        weights = self.prior.weights()
+        found = {f"prior_{m}": weights[f"{m}_cosine"] for m in self.prior.modalities}
+        return {**found, "prior_count": weights["log_count"]}
+
+    def prior_queries(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each prior list's queries for the histories `input_ids`: the last item's normalised row (the count
+        list: a 1-d one), times the sign of the term's weight, so that a list's best are the term's best."""
+        real = input_ids != 0
+        positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
+        last = input_ids.gather(1, (real * positions).argmax(1, keepdim=True)).squeeze(1)
+        queries = {}
+        for name, weight in self.prior_list_weights().items():
+            sign = -1.0 if weight < 0 else 1.0
+            if name == "prior_count":
+                queries[name] = torch.full((len(input_ids), 1), sign)
+            else:
+                rows = self.features[name.removeprefix("prior_")][
+                    last.to(self.features[name.removeprefix("prior_")].device)
+                ]
+                queries[name] = sign * torch.nn.functional.normalize(rows.float(), dim=-1)
+        return queries
+
+    def fused_bound(self, cutoffs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`[B]` the highest fused score an item outside every fused list's top-C can have. An item with no
+        modality has fused score 0, so 0 joins the modality maximum when one exists."""
         modality = [v for name, v in cutoffs.items() if name.startswith("modality_")]
         best = torch.stack(modality).amax(0)
         if self.some_item_has_no_modality:
@@ -267,24 +354,34 @@ class FusedScoreRetriever:
         k: int,
         exclude_items: torch.Tensor | None = None,
         query_batch: int = 32,
+        input_ids: torch.Tensor | None = None,
     ) -> CertifiedTopK:
         """The k best items of each row of `sequence_embedding` `[B, H]`; `exclude_items` `[B, L]` (0 = padding)
         are never returned. C starts at `initial_candidates` (at least k) and doubles for uncertified rows
         until the bound is met or every list is exhausted. Rows go `query_batch` at a time: their union of
-        candidates is re-ranked as one `[query_batch, union]` block."""
+        candidates is re-ranked as one `[query_batch, union]` block. With a history prior, `input_ids` `[B, L]`
+        are the histories the rows were encoded from."""
+        if self.prior is not None and input_ids is None:
+            raise ValueError("this retriever scores a history prior: pass the histories' input_ids")
+
+        def rows(tensor, s):
+            return None if tensor is None else tensor[s : s + query_batch]
+
         parts = [
-            self._search_rows(
-                sequence_embedding[s : s + query_batch],
-                k,
-                None if exclude_items is None else exclude_items[s : s + query_batch],
-            )
+            self._search_rows(sequence_embedding[s : s + query_batch], k, rows(exclude_items, s), rows(input_ids, s))
             for s in range(0, len(sequence_embedding), query_batch)
         ]
         return CertifiedTopK(
             *(torch.cat([getattr(p, f) for p in parts]) for f in ("scores", "item_ids", "certified", "candidates"))
         )
 
-    def _search_rows(self, sequence_embedding: torch.Tensor, k: int, exclude_items: torch.Tensor | None):
+    def _search_rows(
+        self,
+        sequence_embedding: torch.Tensor,
+        k: int,
+        exclude_items: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+    ):
         rows = len(sequence_embedding)
         out_scores = torch.full((rows, k), float("-inf"))
         out_ids = torch.zeros(rows, k, dtype=torch.long)
@@ -296,7 +393,11 @@ class FusedScoreRetriever:
         while len(pending):
             exhausted = c >= longest
             scores, ids, met, short = self._round(
-                sequence_embedding[pending], c, k, None if exclude_items is None else exclude_items[pending]
+                sequence_embedding[pending],
+                c,
+                k,
+                None if exclude_items is None else exclude_items[pending],
+                None if input_ids is None else input_ids[pending],
             )
             # A list that returned fewer than it holds (an approximate one) gives no bound, and more C won't help.
             done = met | exhausted | short
@@ -308,15 +409,16 @@ class FusedScoreRetriever:
         return CertifiedTopK(out_scores, out_ids, certified, final_c)
 
     def _round(
-        self, queries: torch.Tensor, c: int, k: int, exclude: torch.Tensor | None
+        self, queries: torch.Tensor, c: int, k: int, exclude: torch.Tensor | None, input_ids: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-C of every list, the union re-ranked with the fused score, and the bound test: scores and ids
+        """Top-C of every list, the union re-ranked with the exact score, and the bound test: scores and ids
         `[B, k]`, whether the bound was met `[B]`, and whether a list came back short `[B]`."""
         device = self.items.modality_tokens.device
         cutoffs, found = {}, []
         short = torch.zeros(len(queries), dtype=torch.bool)
+        prior_queries = {} if self.prior is None else self.prior_queries(input_ids)
         for name, listed in self.lists.items():
-            scores, ids = listed.search(queries, c)
+            scores, ids = listed.search(prior_queries.get(name, queries), c)
             expected = min(c, len(listed))
             short |= (ids[:, :expected] == 0).any(1)
             cutoffs[name] = scores[:, -1] if len(listed) > c else torch.full((len(queries),), float("-inf"))
@@ -324,9 +426,15 @@ class FusedScoreRetriever:
         if self.unlisted_ids is not None:  # items in no list (inductive, no modality): all score exactly 0
             excluded = 0 if exclude is None else exclude.shape[1]
             found.append(self.unlisted_ids[: k + excluded])  # enough of them to fill k after any exclusion
+        if input_ids is not None:  # the in-history term is known only there: score the history exactly
+            found.append(input_ids.cpu())
         union = torch.cat([ids.reshape(-1) for ids in found]).unique()  # sorted: ties below go to the lower id
         union = union[union > 0]
-        fused = self.fusion(queries.to(device), self.items.take(union.to(device))).float().cpu()
+        on_device = union.to(device)
+        fused = self.fusion(queries.to(device), self.items.take(on_device))
+        if self.prior is not None:
+            fused = fused + self.prior(input_ids.to(device), None, self.features, on_device)
+        fused = fused.float().cpu()
         if exclude is not None:
             fused = fused.masked_fill((union.view(1, 1, -1) == exclude.cpu().unsqueeze(-1)).any(1), float("-inf"))
         order = fused.sort(dim=1, descending=True, stable=True)  # the full scan's tie rule: lower id first
@@ -376,11 +484,11 @@ class FusedScoreRetriever:
             return None
 
 
-def catalog_fingerprint(items: ItemTokens) -> str:
-    """A hash of the candidate representations (as float32, whatever their device or dtype): saved lists are
-    reused only for the same catalogue."""
+def catalog_fingerprint(items: ItemTokens, extra: list[torch.Tensor] | tuple = ()) -> str:
+    """A hash of the candidate representations and any `extra` tensors the lists hold (as float32, whatever
+    their device or dtype): saved lists are reused only for the same catalogue."""
     digest = hashlib.blake2b(digest_size=16)
-    for tensor in (items.modality_tokens, items.present, items.id_tokens):
+    for tensor in (items.modality_tokens, items.present, items.id_tokens, *extra):
         if tensor is not None:
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -150,8 +150,6 @@ def test_saved_and_loaded_with_the_model_and_served_by_the_exact_recommender(tmp
     assert new == [NUM_ITEMS + 1, NUM_ITEMS + 2]
     assert loaded.history_prior.item_log_count[-2:].tolist() == [0.0, 0.0]  # never a training target
     assert recommender.scores([[3, NUM_ITEMS + 1]]).shape == (1, NUM_ITEMS + 3)
-    with pytest.raises(ValueError, match="history prior"):
-        MissrecRecommender(loaded, index="torch")
 
 
 def write_twin_dataset(folder, num_pairs=20, num_users=200, seed=0, text_width=12):
@@ -230,3 +228,63 @@ def test_calibrating_only_the_prior_of_the_shipped_backbone(tmp_path):
     assert weights["text_cosine"] > 0.1 and weights["in_history"] < -0.1, weights
     with pytest.raises(ValueError, match="--mode inductive"):
         ModelArguments(model_name_or_path=str(SHIPPED), finetune_method="prior", mode="transductive")
+
+
+def certified_model(use_item_ids: bool, weights, num_items: int = 300, seed: int = 0):
+    torch.manual_seed(seed)
+    config = MissrecConfig(
+        hidden_size=16, num_attention_heads=2, intermediate_size=32, text_feature_size=8, image_feature_size=6,
+        num_items=num_items, max_seq_length=10, use_item_ids=use_item_ids, history_prior=True,
+    )  # fmt: skip
+    model = MissrecForSequentialRecommendation(config).eval()
+    image = torch.randn(num_items, 6)
+    image[::3] = 0  # a third of the items have no image: no row in the image prior list
+    text = torch.randn(num_items, 8)
+    text[5::7] = text[4::7][: len(text[5::7])] + 0.01  # near twins, as the catalogues the prior is for
+    model.load_item_features({"text": text, "image": image})
+    model.refresh_interests(seed=0)
+    model.set_item_popularity(torch.randint(0, 40, (num_items + 1,)))
+    with torch.no_grad():
+        model.history_prior.weight.copy_(torch.tensor(weights) / MissrecHistoryPrior.WEIGHT_SCALE)
+    return model
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    use_item_ids=st.booleans(),
+    weights=st.lists(st.sampled_from([-2.0, -0.5, 0.0, 0.3, 1.0, 3.0]), min_size=4, max_size=4),
+    exclude=st.booleans(),
+    initial=st.sampled_from([1, 4, 16]),
+    kind=st.sampled_from(["torch", "faiss-flat"]),
+)
+def test_exact_lists_certify_the_prior_and_answer_as_the_full_scan(use_item_ids, weights, exclude, initial, kind):
+    model = certified_model(use_item_ids, weights)
+    histories = [[int(i) for i in torch.randint(1, 301, (int(n),))] for n in torch.randint(1, 8, (12,))]
+    exact = MissrecRecommender(model).recommend(histories, k=6, exclude_history=exclude)
+    recommender = MissrecRecommender(model, index=kind, initial_candidates=initial)
+    listed = recommender.recommend(histories, k=6, exclude_history=exclude)
+    for left, right in zip(listed, exact):
+        assert [r.item_id for r in left] == [r.item_id for r in right]
+        assert [r.score for r in left] == pytest.approx([r.score for r in right], abs=1e-5)
+    input_ids = recommender.pad(histories)
+    sequence = model.encode(input_ids).sequence_embedding
+    found = recommender.retriever.search(sequence, 6, input_ids if exclude else None, input_ids=input_ids)
+    assert found.certified.all()
+    with pytest.raises(ValueError, match="input_ids"):
+        recommender.retriever.search(sequence, 6)
+
+
+def test_the_certificate_stops_early_with_the_prior_and_new_items_join_its_lists():
+    model = certified_model(False, [1.0, 0.3, -2.0, 0.2], num_items=3000)
+    histories = [[int(i) for i in torch.randint(1, 3001, (4,))] for _ in range(8)]
+    recommender = MissrecRecommender(model, index="torch", initial_candidates=32)
+    input_ids = recommender.pad(histories)
+    found = recommender.retriever.search(model.encode(input_ids).sequence_embedding, 10, input_ids=input_ids)
+    assert found.certified.all() and int(found.candidates.max()) < 3000  # not a scan of everything
+    new = recommender.add_items({"text": torch.randn(5, 8).numpy(), "image": torch.randn(5, 6).numpy()})
+    assert (
+        len(recommender.retriever.lists["prior_count"]) == 3005
+        and len(recommender.retriever.lists["prior_text"]) == 3005
+    )
+    twin_history = [[new[0]]]
+    assert recommender.recommend(twin_history, k=5) == MissrecRecommender(model).recommend(twin_history, k=5)
