@@ -1205,6 +1205,10 @@ class MissrecTrainer(_AcceleratedLoop):
             "test_at_k_plus_1": test_shifted,
             "history": self.state.history,
         }
+        weights = getattr(getattr(self.unwrapped, "history_prior", None), "weights", None)
+        if callable(weights):  # a handful of numbers a person wants to see: how much the model leans on each term
+            metrics["history_prior_weights"] = weights()
+            self.log("history prior weights: %s", ", ".join(f"{k} {v:+.3f}" for k, v in weights().items()))
         # The metrics and the model card describe these weights: they are committed with them, as one set.
         extra = {
             **self._item_ids_file(),

@@ -187,6 +187,7 @@ def test_training_learns_to_use_the_twin_of_the_last_item(tmp_path):
     metrics = MissrecTrainer(model, dataset, catalog, args).train()
     weights = model.history_prior.weights()
     assert weights["text_cosine"] > 0.5 and weights["in_history"] < -0.5, weights
+    assert metrics["history_prior_weights"] == pytest.approx(weights)  # in metrics.json for the user to read
     assert metrics["test"]["hr@10"] > 0.9, metrics["test"]
     assert float(model.history_prior.item_log_count.max()) > 0  # the trainer gave it the target counts
 
