@@ -307,6 +307,14 @@ class ModelArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     interest_ratio: float = field(default=0.5, metadata={"help": "K = ceil(ratio x item tokens) interests."})
+    history_prior: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Add the learned history prior to every score: the cosine of the candidate's features with the "
+            "last history item's, whether it is in the history, log(1 + its training count). Not in the "
+            "original. Default: the pre-trained model's setting (the shipped one has it, calibrated), else off."
+        },
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Other MissrecConfig fields, 'name=value,name=value' (e.g. 'hidden_dropout_prob=0.3')."},
@@ -450,6 +458,7 @@ def build_model(model_args: ModelArguments, catalog: ItemCatalog) -> MissrecForS
         "modalities": list(catalog.features),
         "interest_ratio": model_args.interest_ratio,
         **{f"{m}_feature_size": catalog.feature_size(m) for m in catalog.features},
+        **({} if model_args.history_prior is None else {"history_prior": model_args.history_prior}),
         **parse_overrides(model_args.config_overrides),
     }
     if model_args.model_name_or_path is None:

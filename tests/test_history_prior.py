@@ -289,3 +289,25 @@ def test_the_certificate_stops_early_with_the_prior_and_new_items_join_its_lists
     )
     twin_history = [[new[0]]]
     assert recommender.recommend(twin_history, k=5) == MissrecRecommender(model).recommend(twin_history, k=5)
+
+
+def test_the_flag_switches_the_prior_and_a_calibrated_backbone_hands_on_its_weights(tmp_path):
+    import json
+    import shutil
+
+    from test_shipped_model import SHIPPED
+
+    folder = write_twin_dataset(tmp_path / "data", text_width=384)
+    catalog = load_item_catalog(folder, feature_files={"text": "Twin.text.npy"})
+    assert build_model(ModelArguments(mode="inductive"), catalog).history_prior is None  # off unless asked
+    assert build_model(ModelArguments(mode="inductive", history_prior=True), catalog).history_prior is not None
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(SHIPPED, calibrated)
+    config = json.loads((calibrated / "config.json").read_text())
+    start = {"text_cosine": 1.5, "in_history": -2.0, "log_count": 0.25}
+    config.update(history_prior=True, history_prior_init=start)
+    (calibrated / "config.json").write_text(json.dumps(config))
+    model = build_model(ModelArguments(str(calibrated), mode="inductive"), catalog)
+    assert model.history_prior.weights() == pytest.approx(start)
+    off = build_model(ModelArguments(str(calibrated), mode="inductive", history_prior=False), catalog)
+    assert off.history_prior is None
