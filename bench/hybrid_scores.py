@@ -40,15 +40,13 @@ from common import (
     write_json_atomically,
     write_text_atomically,
 )
-from quality import mean_std, paired
+from quality import METRICS, mean_std, paired
+from zero_shot_baselines import rank_metrics
 
 from modeling_missrec.data import load_atomic_dataset, read_feature_file
-from modeling_missrec.metrics import metrics_from_ranks
 from modeling_missrec.modeling_missrec import MissrecForSequentialRecommendation
-from modeling_missrec.ranking import streaming_ranks
 from modeling_missrec.trainer import build_loader
 
-METRICS = ("ndcg@10", "hr@10", "ndcg@50", "hr@50")
 BETAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -89,12 +87,6 @@ def split_scores(model, split, features: torch.Tensor) -> dict[str, torch.Tensor
     return out
 
 
-def ranked(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    result = streaming_ranks(lambda s, e: scores[:, s - 1 : e - 1], targets, scores.shape[1])
-    metrics = metrics_from_ranks(result.ranks)
-    return {k: metrics[k] for k in METRICS}
-
-
 def blend(terms: dict, scale: dict, beta: float, gamma: float) -> torch.Tensor:
     return terms["model"] / scale["model"] + beta * terms["cos"] / scale["cos"] + gamma * terms["pop"] / scale["pop"]
 
@@ -105,16 +97,16 @@ def one_run(run: Path, dataset, features: torch.Tensor) -> dict:
     valid = terms["valid"]
     scale = {k: float(valid[k].std()) for k in ("model", "cos")}
     scale["pop"] = float(valid["pop"].std())
-    grid = {(b, g): ranked(blend(valid, scale, b, g), valid["targets"])["ndcg@10"] for b in BETAS for g in GAMMAS}
+    grid = {(b, g): rank_metrics(blend(valid, scale, b, g), valid["targets"])["ndcg@10"] for b in BETAS for g in GAMMAS}
     beta, gamma = max(grid, key=grid.get)
     test = terms["test"]
     return {
         "run": str(run),
-        "model": {"valid": ranked(valid["model"], valid["targets"]), "test": ranked(test["model"], test["targets"])},
+        "model": {split: rank_metrics(terms[split]["model"], terms[split]["targets"]) for split in terms},
         "hybrid": {
             "beta": beta, "gamma": gamma,
-            "valid": ranked(blend(valid, scale, beta, gamma), valid["targets"]),
-            "test": ranked(blend(test, scale, beta, gamma), test["targets"]),
+            "valid": rank_metrics(blend(valid, scale, beta, gamma), valid["targets"]),
+            "test": rank_metrics(blend(test, scale, beta, gamma), test["targets"]),
         },
         "valid_ndcg@10_grid": {f"{b},{g}": v for (b, g), v in grid.items()},
     }  # fmt: skip

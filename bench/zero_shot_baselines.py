@@ -39,12 +39,12 @@ from common import (
     write_json_atomically,
     write_text_atomically,
 )
+from quality import METRICS
 
 from modeling_missrec.data import load_atomic_dataset, read_feature_file, read_index_file
 from modeling_missrec.metrics import metrics_from_ranks
 from modeling_missrec.ranking import streaming_ranks
 
-METRICS = ("ndcg@10", "hr@10", "ndcg@50", "hr@50")
 LAMBDAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
