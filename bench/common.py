@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from modeling_missrec.atomic import write_atomically
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 DEFAULT_RESULTS_DIR = BENCH_DIR / "results"
@@ -135,16 +137,9 @@ def resolve_data_root(data_root: str | None) -> Path:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, then `os.replace`: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    """`atomic.write_atomically`, creating the folder first: readers never see half a file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, text)
 
 
 def write_json_atomically(path: Path, payload) -> None:

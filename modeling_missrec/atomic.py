@@ -15,29 +15,38 @@ Standard library only: the modeling file imports this module, so `save_pretraine
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 STAGING_DIR = ".staging"
 JOURNAL_FILE = ".commit.json"
 
 
-def write_atomically(path: str | os.PathLike, content: str | bytes) -> None:
-    """Write `content` (text as UTF-8) to `path` through a temporary file in the same folder."""
+def write_atomically(path: str | os.PathLike, content: str | bytes | Iterable[str], fsync: bool = False) -> None:
+    """Write `content` (text as UTF-8, bytes, or text chunks streamed one by one) to `path` through a temporary
+    file in the same folder, then `os.replace` it over `path`: a reader, or a run killed mid-write, sees the old
+    file or the new one, never half of one. `fsync` also flushes it to the disk before the rename. The project's
+    one writer of whole files (the folder-level commits below build on it)."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        if isinstance(content, str):
-            temporary.write_text(content, encoding="utf-8")
-        else:
-            temporary.write_bytes(content)
+        with os.fdopen(handle, "wb") as out:
+            chunks = [content] if isinstance(content, (str, bytes)) else content
+            for chunk in chunks:
+                out.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 def replace_directory(temporary: Path, final: Path) -> None:

@@ -36,7 +36,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .atomic import write_atomically
 from .data import INTER_HEADER, TEXT_HEADER
 
 logger = logging.getLogger(__name__)
@@ -437,23 +437,6 @@ def _summary(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def _write_atomically(path: Path, chunks: Iterable[str]) -> None:
-    """Write to a temporary file in the same folder, then `os.replace` it over `path`: an interrupted run
-    leaves the old file or none, never half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as out:
-            for chunk in chunks:
-                out.write(chunk)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _kcore(user_codes: np.ndarray, item_codes: np.ndarray, k: int, stats: ConversionStats) -> np.ndarray:
     """Mask of the interactions in the k-core: repeatedly drop users and items with fewer than `k`
     interactions (counted over what is left, repeats included) until a round changes nothing."""
@@ -748,9 +731,9 @@ def convert_interactions(
     elif Path(f"{prefix}.images").exists():
         logger.warning("%s.images is from an earlier run (no image column given this time)", prefix)
     for suffix, chunks in outputs.items():
-        _write_atomically(Path(f"{prefix}.{suffix}"), chunks)
+        write_atomically(Path(f"{prefix}.{suffix}"), chunks)
     stats.files = [f"{dataset_name}.{suffix}" for suffix in outputs] + [f"{dataset_name}.stats.json"]
-    _write_atomically(Path(f"{prefix}.stats.json"), [json.dumps(stats.to_dict(), indent=2), "\n"])
+    write_atomically(Path(f"{prefix}.stats.json"), [json.dumps(stats.to_dict(), indent=2), "\n"])
     logger.info(
         "wrote %s.* (%d users, %d items, %d interactions)", prefix, stats.users, stats.items, stats.interactions
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import write_atomically
 from .data import AtomicFileError, find_dataset_name, read_index_file, read_text_file
 
 logger = logging.getLogger(__name__)
@@ -529,12 +531,9 @@ class ExtractionResult:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomically(path, buffer.getvalue(), fsync=True)
 
 
 def _load_chunk(path: Path, rows: int) -> np.ndarray | None:

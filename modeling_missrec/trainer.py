@@ -33,6 +33,7 @@ from .atomic import (
     recover_directory,
     replace_directory,
     staging_dir,
+    write_atomically,
 )
 from .data import (
     HistoryDataset,
@@ -602,12 +603,6 @@ class TrainerState:
     train_seconds: float = 0.0
 
 
-def _write_json_atomically(path: Path, payload: Mapping) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=2, default=float))
-    os.replace(temporary, path)
-
-
 def refresh_interests(accelerator: Accelerator, model, seed: int, refresh=None) -> int:
     """k-means once on the main process; every other process receives the same centroids and interest ids.
 
@@ -919,8 +914,9 @@ class _AcceleratedLoop:
         self.accelerator.save_state(str(temporary))
         self.accelerator.wait_for_everyone()  # every rank's RNG file is written before the folder is hashed and swapped
         if self.accelerator.is_main_process:
-            _write_json_atomically(temporary / CHECKSUMS_FILE, _file_checksums(temporary))
-            _write_json_atomically(temporary / STATE_FILE, asdict(self.state))  # last: marks it complete
+            write_atomically(temporary / CHECKSUMS_FILE, json.dumps(_file_checksums(temporary), indent=2))
+            state = json.dumps(asdict(self.state), indent=2, default=float)
+            write_atomically(temporary / STATE_FILE, state)  # last: marks the checkpoint complete
             replace_directory(temporary, final)
         self.accelerator.wait_for_everyone()
 
