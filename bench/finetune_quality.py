@@ -54,6 +54,7 @@ from transformers.utils import logging as transformers_logging
 
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog, subsample_training_users
 from modeling_missrec.trainer import (
+    FINETUNE_METHODS,
     DataArguments,
     MissrecTrainer,
     ModelArguments,
@@ -123,7 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--model_name_or_path", default=None, help="Start from this saved MISSRec (transfer).")
     parser.add_argument(
-        "--finetune_method", default="full", choices=("full", "frozen", "lora"), help="What is trained on transfer."
+        "--finetune_method", default="full", choices=FINETUNE_METHODS, help="What is trained on transfer."
     )
     parser.add_argument(
         "--train_users_fraction", type=float, default=1.0, help="Share of the training users (the low-data regime)."

@@ -16,6 +16,8 @@ rows where an item has none):
               factor (and the ID table, transductive) trained
   full        everything trained, starting from the pre-trained weights
   lora        LoRA on the attention q/k/v/o; adaptors, LayerNorm, fusion head, ID table trained in full
+  prior       inductive, text only: only the history prior's 3 weights trained on Scientific (`--finetune_method
+              prior`), the backbone as shipped
   zero-shot   inductive, text only, no training on Scientific (`run_finetune.py --do_train false`)
   popularity  every test user gets the items ranked by how often they occur in the histories of the test split
               (everything known at test time), ties against the target as for the models
@@ -56,7 +58,7 @@ from modeling_missrec.data import load_atomic_dataset, read_index_file
 from modeling_missrec.metrics import metrics_from_ranks
 from modeling_missrec.ranking import streaming_ranks
 
-METHODS = ("scratch", "frozen", "full", "lora", "zero-shot", "popularity")
+METHODS = ("scratch", "frozen", "full", "lora", "prior", "zero-shot", "popularity")
 REGIMES = {"full": 1.0, "10%": 0.1}
 TEXT = "Scientific.text_minilm.npy"
 FOLDERS = {"scientific_mm": "scientific_mm", "scientific_full": "scientific_full"}
@@ -117,6 +119,8 @@ def method_flags(args, method: str, mode: str) -> tuple[dict, list[str]]:
     flags += ["--model_name_or_path", str(args.pretrained)]
     if method == "zero-shot":
         return {"do_train": False}, [*flags, "--image_features", ""]
+    if method == "prior":
+        return {}, [*flags, "--image_features", "", "--finetune_method", "prior"]
     return {}, [*flags, "--finetune_method", method]
 
 
@@ -227,7 +231,7 @@ def main(argv=None) -> None:
         done = {(*run_group(r), r["seed"], r.get("max_steps_per_epoch")) for r in runs}  # a run of another
         # backbone or other overrides is not this one
         grid = [(mode, seed, method) for mode in args.modes for seed in args.seeds for method in args.methods
-                if mode == "inductive" or method not in ("zero-shot", "popularity")]  # fmt: skip
+                if mode == "inductive" or method not in ("prior", "zero-shot", "popularity")]  # fmt: skip
 
         def key(mode, seed, method):
             run = {"dataset": args.dataset, "mode": mode, "regime": args.regime, "method": method,

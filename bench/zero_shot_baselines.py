@@ -41,7 +41,7 @@ from common import (
 )
 from quality import METRICS
 
-from modeling_missrec.data import load_atomic_dataset, read_feature_file, read_index_file
+from modeling_missrec.data import find_dataset_name, load_atomic_dataset, read_feature_file, read_index_file
 from modeling_missrec.metrics import metrics_from_ranks
 from modeling_missrec.ranking import streaming_ranks
 
@@ -51,8 +51,8 @@ LAMBDAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_root", default=None, help="Shared data folder (default: $MISSREC_SHARED_DATA).")
-    parser.add_argument("--dataset", default="scientific_full", help="A folder of the data root (Scientific.*).")
-    parser.add_argument("--features", default="Scientific.text_minilm.npy", help="Text feature file of the folder.")
+    parser.add_argument("--dataset", default="scientific_full", help="A folder of the data root, or a path to one.")
+    parser.add_argument("--features", default="{name}.text_minilm.npy", help="Text feature file of the folder.")
     parser.add_argument("--feature_size", type=int, default=None, help="Width of a raw float32 feature file.")
     parser.add_argument("--cache_dir", type=Path, default=None, help="Arrow cache of the parsed splits.")
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_RESULTS_DIR, help="Where results are written.")
@@ -94,9 +94,11 @@ def rank_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float
 def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
-    folder = resolve_data_root(args.data_root) / args.dataset
-    num_items = len(read_index_file(folder / "Scientific.item2index"))
-    features = torch.from_numpy(read_feature_file(folder / args.features, num_items, args.feature_size).copy())
+    folder = Path(args.dataset) if Path(args.dataset).is_dir() else resolve_data_root(args.data_root) / args.dataset
+    name = find_dataset_name(folder)
+    num_items = len(read_index_file(folder / f"{name}.item2index"))
+    path = folder / args.features.format(name=name)
+    features = torch.from_numpy(read_feature_file(path, num_items, args.feature_size).copy())
     dataset = load_atomic_dataset(folder, cache_dir=args.cache_dir)
     splits = {}
     for split in ("valid", "test"):
@@ -119,10 +121,10 @@ def main(argv=None) -> None:
     rows = [[r["scorer"], *(f"{r['valid'][k]:.4f}" for k in METRICS[:2]), *(f"{r['test'][k]:.4f}" for k in METRICS)]
             for r in records]  # fmt: skip
     table = markdown_table(["scorer", "valid NDCG@10", "valid HR@10", *(f"test {k.upper()}" for k in METRICS)], rows)
-    text = f"# Training-free scorers on {args.dataset}\n\n{header_markdown(header)}\n\n{table}\n"
+    text = f"# Training-free scorers on {folder.name}\n\n{header_markdown(header)}\n\n{table}\n"
     print(text)
     out = args.output_dir
-    stem = f"zero_shot_baselines_{args.dataset}"
+    stem = f"zero_shot_baselines_{folder.name}"
     write_json_atomically(out / f"{stem}.json", payload)
     write_text_atomically(out / f"{stem}.md", text)
     print(f"written: {out / stem}.json, .md")
