@@ -75,7 +75,7 @@ def split_scores(model, split, features: torch.Tensor) -> dict[str, torch.Tensor
     for batch in loader:
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         sequence = model.encode(input_ids, mask, raw_tokens=raw).sequence_embedding
-        parts["model"].append(model.score_items(sequence, items, 1, num_items + 1))
+        parts["model"].append(model.score_items(sequence, items, 1, num_items + 1, input_ids, mask))
         last = input_ids.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
         seen = torch.zeros(len(input_ids), num_items + 1, dtype=torch.bool).scatter_(1, input_ids, True)[:, 1:]
         parts["cos"].append((features[last - 1] @ features.T).masked_fill(seen, -2.0))
