@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput, logging
 from .atomic import complete_interrupted_commit
 from .configuration_missrec import MissrecConfig
 from .interests import interest_sets, kmeans, num_interests
+from .ranking import ids_in_block
 
 logger = logging.get_logger(__name__)
 
@@ -687,12 +688,10 @@ class MissrecHistoryPrior(nn.Module):
         """Prior scores `[B, C]` of the candidates `item_ids` (a `[C]` tensor, or a `range` of ids: a catalogue
         block, read by slicing) for the histories `input_ids` `[B, L]`."""
         weight = self.weight * self.WEIGHT_SCALE
-        real = input_ids != 0 if attention_mask is None else attention_mask.bool()
-        positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
-        last = input_ids.gather(1, (real * positions).argmax(1, keepdim=True)).squeeze(1)  # any padding side
+        last = last_item_ids(input_ids, attention_mask)
         if isinstance(item_ids, range):
             block = slice(item_ids.start, item_ids.stop)
-            seen = _in_history_block(input_ids, item_ids.start, len(item_ids))
+            seen = ids_in_block(input_ids, item_ids.start, len(item_ids))
         else:
             block = item_ids
             seen = _in_history(input_ids, item_ids, self.item_log_count.shape[0])
@@ -704,13 +703,11 @@ class MissrecHistoryPrior(nn.Module):
         return scores
 
 
-def _in_history_block(input_ids: torch.Tensor, start: int, width: int) -> torch.Tensor:
-    """`[B, width]` bool: whether item ids `start..start+width-1` are in each row's history (a scatter of the
-    history into the block; ids outside it land in a spare last column)."""
-    offset = input_ids - start
-    offset = torch.where((offset >= 0) & (offset < width), offset, width)
-    seen = torch.zeros(input_ids.shape[0], width + 1, dtype=torch.bool, device=input_ids.device)
-    return seen.scatter_(1, offset, True)[:, :width]
+def last_item_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B]` the last real item of each history (right- or left-padded)."""
+    real = input_ids != 0 if attention_mask is None else attention_mask.bool()
+    positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
+    return input_ids.gather(1, (real * positions).argmax(1, keepdim=True)).squeeze(1)
 
 
 def _in_history(input_ids: torch.Tensor, item_ids: torch.Tensor, id_bound: int) -> torch.Tensor:
@@ -941,13 +938,18 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         """How often each item id (0..num_items) is a training target: the in-batch candidates' sampling
         probabilities, for the logQ correction of the sampled softmax (and the popularity sampler). One is
         added to every count, so that an item never seen as a target keeps a finite correction."""
-        counts = torch.as_tensor(counts).detach().to("cpu", torch.float64).reshape(-1)
-        if counts.shape[0] != self.config.num_items + 1 or (counts < 0).any():
-            raise ValueError(f"target frequencies must be {self.config.num_items + 1} counts >= 0 (ids 0..num_items)")
+        counts = self._checked_counts(counts, "target frequencies")
         smoothed = counts + 1.0
         smoothed[0] = 0.0
         probability = (smoothed / smoothed.sum()).float().to(self.item_modality_present.device)
         self.register_buffer("target_probability", probability, persistent=False)  # moves with the model
+
+    def _checked_counts(self, counts: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
+        """Per-item-id counts as float64 on the CPU, checked: one per id 0..num_items, none negative."""
+        counts = torch.as_tensor(counts).detach().to("cpu", torch.float64).reshape(-1)
+        if counts.shape[0] != self.config.num_items + 1 or (counts < 0).any():
+            raise ValueError(f"{what} must be {self.config.num_items + 1} counts >= 0 (ids 0..num_items)")
+        return counts
 
     @torch.no_grad()
     def set_item_popularity(self, counts: torch.Tensor | np.ndarray) -> None:
@@ -955,9 +957,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         target in this catalogue (stored as log(1 + count), saved with the model)."""
         if self.history_prior is None:
             raise ValueError("set_item_popularity: this model has no history prior (config.history_prior=False)")
-        counts = torch.as_tensor(counts).detach().to("cpu", torch.float64).reshape(-1)
-        if counts.shape[0] != self.config.num_items + 1 or (counts < 0).any():
-            raise ValueError(f"item counts must be {self.config.num_items + 1} counts >= 0 (ids 0..num_items)")
+        counts = self._checked_counts(counts, "item counts")
         counts[0] = 0.0
         buffer = self.history_prior.item_log_count
         buffer.copy_(torch.log1p(counts).to(buffer.device, buffer.dtype))

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RankingResult", "reference_ranks", "streaming_ranks", "streaming_topk", "tie_floor"]
+__all__ = ["RankingResult", "ids_in_block", "reference_ranks", "streaming_ranks", "streaming_topk", "tie_floor"]
 
 TIE_ULPS = 8
 
@@ -150,15 +150,20 @@ def reference_ranks(scores: Tensor, targets: Tensor, exclude_items: Tensor | Non
 # --------------------------------------------------------------------------------------------------------
 
 
+def ids_in_block(ids: Tensor, start: int, width: int) -> Tensor:
+    """``[B, width]`` bool: which item ids ``start..start+width-1`` occur in each row of ``ids`` ``[B, L]``."""
+    offset = ids - start
+    offset = torch.where((offset >= 0) & (offset < width), offset, width)
+    mask = torch.zeros(ids.shape[0], width + 1, dtype=torch.bool, device=ids.device)
+    return mask.scatter_(1, offset, True)[:, :width]
+
+
 def _excluded_in_block(exclude: Tensor, start: int, width: int, targets: Tensor | None) -> Tensor:
     """``[B, width]`` bool: which item ids ``start..start+width-1`` each row excludes (never its target).
 
     Exclusions are scattered into a ``[B, width + 1]`` mask; ids outside the block land in the spare last
     column. Every write is True, so duplicate ids are harmless."""
-    offset = exclude - start
-    offset = torch.where((offset >= 0) & (offset < width), offset, width)
-    mask = torch.zeros(exclude.shape[0], width + 1, dtype=torch.bool, device=exclude.device)
-    excluded = mask.scatter_(1, offset, True)[:, :width]
+    excluded = ids_in_block(exclude, start, width)
     if targets is not None:
         ids = torch.arange(start, start + width, device=exclude.device)
         excluded &= ids.unsqueeze(0) != targets.unsqueeze(1)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .atomic import recover_directory, replace_directory, write_atomically
-from .modeling_missrec import ItemTokens, MissrecFusionHead, MissrecHistoryPrior
+from .modeling_missrec import ItemTokens, MissrecFusionHead, MissrecHistoryPrior, last_item_ids
 from .ranking import streaming_topk
 
 LIST_KINDS = ("torch", "faiss-flat", "faiss-ivf", "faiss-hnsw")
@@ -319,9 +319,7 @@ class FusedScoreRetriever:
     def prior_queries(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each prior list's queries for the histories `input_ids`: the last item's normalised row (the count
         list: a 1-d one), times the sign of the term's weight, so that a list's best are the term's best."""
-        real = input_ids != 0
-        positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
-        last = input_ids.gather(1, (real * positions).argmax(1, keepdim=True)).squeeze(1)
+        last = last_item_ids(input_ids)
         queries = {}
         for name, weight in self.prior_list_weights().items():
             sign = -1.0 if weight < 0 else 1.0

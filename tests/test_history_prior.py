@@ -13,7 +13,8 @@ from test_trainer import TINY
 
 from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog
-from modeling_missrec.modeling_missrec import MissrecHistoryPrior, _in_history, _in_history_block
+from modeling_missrec.modeling_missrec import MissrecHistoryPrior, _in_history
+from modeling_missrec.ranking import ids_in_block
 from modeling_missrec.recommend import MissrecRecommender
 from modeling_missrec.trainer import MissrecTrainer, ModelArguments, TrainingArguments, build_model
 
@@ -111,7 +112,7 @@ def test_history_membership_matches_a_brute_force_check(data):
     assert torch.equal(_in_history(history, ids, 13), expected)
     start, width = data.draw(st.integers(0, 12)), data.draw(st.integers(1, 14))
     block = torch.tensor([[i in row.tolist() for i in range(start, start + width)] for row in history])
-    assert torch.equal(_in_history_block(history, start, width), block.reshape(batch, width))
+    assert torch.equal(ids_in_block(history, start, width), block.reshape(batch, width))
 
 
 def test_the_sampled_loss_sees_the_same_prior_on_its_candidates():
