@@ -22,19 +22,13 @@ from pathlib import Path
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
-from modeling_missrec.cli import run_command
+from modeling_missrec.cli import configure_logging, run_command
 from modeling_missrec.data import dataset_statistics, load_atomic_dataset, load_item_catalog, subsample_training_users
+from modeling_missrec.evaluation import results_table
 from modeling_missrec.recommend import model_card, push_to_hub
-from modeling_missrec.trainer import (
-    DataArguments,
-    MissrecTrainer,
-    ModelArguments,
-    TrainingArguments,
-    build_model,
-    configure_logging,
-    parse_config_and_flags,
-    results_table,
-)
+from modeling_missrec.trainer import MissrecTrainer
+from modeling_missrec.training_args import DataArguments, ModelArguments, TrainingArguments, parse_config_and_flags
+from modeling_missrec.transfer import build_model
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configuration" / "finetune" / "default.yaml"
 logger = logging.getLogger("run_finetune")

@@ -20,17 +20,16 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from modeling_missrec.cli import run_command
+from modeling_missrec.cli import configure_logging, run_command
 from modeling_missrec.data import load_pretraining_corpus
-from modeling_missrec.trainer import (
-    MissrecPretrainer,
+from modeling_missrec.trainer import MissrecPretrainer
+from modeling_missrec.training_args import (
     PretrainDataArguments,
     PretrainingArguments,
     PretrainModelArguments,
-    build_pretraining_model,
-    configure_logging,
     parse_config_and_flags,
 )
+from modeling_missrec.transfer import build_pretraining_model
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configuration" / "pretrain" / "default.yaml"
 logger = logging.getLogger("run_pretrain")

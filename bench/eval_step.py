@@ -42,7 +42,9 @@ from finetune_quality import DATASETS, MODES
 
 from modeling_missrec import MissrecForSequentialRecommendation
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog
-from modeling_missrec.trainer import DataArguments, MissrecTrainer, ModelArguments, TrainingArguments, build_model
+from modeling_missrec.trainer import MissrecTrainer
+from modeling_missrec.training_args import DataArguments, ModelArguments, TrainingArguments
+from modeling_missrec.transfer import build_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -42,7 +42,9 @@ from transformers.utils import logging as transformers_logging
 from modeling_missrec.atomic import recover_directory
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog
 from modeling_missrec.modeling_missrec import MissrecForSequentialRecommendation
-from modeling_missrec.trainer import MissrecTrainer, ModelArguments, TrainingArguments, build_model
+from modeling_missrec.trainer import MissrecTrainer
+from modeling_missrec.training_args import ModelArguments, TrainingArguments
+from modeling_missrec.transfer import build_model
 
 TINY = "hidden_size=32,num_attention_heads=2,intermediate_size=64,hidden_dropout_prob=0.1,attention_dropout_prob=0.1"
 

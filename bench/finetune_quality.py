@@ -53,15 +53,15 @@ from common import (
 from transformers.utils import logging as transformers_logging
 
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog, subsample_training_users
-from modeling_missrec.trainer import (
+from modeling_missrec.trainer import MissrecTrainer
+from modeling_missrec.training_args import (
     FINETUNE_METHODS,
     DataArguments,
-    MissrecTrainer,
     ModelArguments,
     TrainingArguments,
-    build_model,
     parse_overrides,
 )
+from modeling_missrec.transfer import build_model
 
 DATASETS = {
     "scientific_full": {

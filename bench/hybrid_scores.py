@@ -43,9 +43,8 @@ from common import (
 from quality import METRICS, mean_std, paired
 from zero_shot_baselines import rank_metrics
 
-from modeling_missrec.data import load_atomic_dataset, read_feature_file
+from modeling_missrec.data import build_loader, load_atomic_dataset, read_feature_file
 from modeling_missrec.modeling_missrec import MissrecForSequentialRecommendation
-from modeling_missrec.trainer import build_loader
 
 BETAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)

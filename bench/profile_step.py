@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_trainer(args, output_dir: str):
     from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
-    from modeling_missrec.trainer import MissrecTrainer, TrainingArguments
+    from modeling_missrec.trainer import MissrecTrainer
+    from modeling_missrec.training_args import TrainingArguments
 
     users = args.num_users or (87_346 if args.device.startswith("cuda") else 20_000)
     splits = synthetic_log(users, args.num_items, 8.0, 0)

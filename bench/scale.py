@@ -202,8 +202,9 @@ class ResidentMemorySampler:
 # ------------------------------------------------------------------------------------------------- cases
 def run_train_eval_case(case: dict) -> dict:
     from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
-    from modeling_missrec.data import ItemCatalog
-    from modeling_missrec.trainer import MissrecTrainer, TrainingArguments, build_loader
+    from modeling_missrec.data import ItemCatalog, build_loader
+    from modeling_missrec.trainer import MissrecTrainer
+    from modeling_missrec.training_args import TrainingArguments
 
     device, n = case["device"], case["num_items"]
     started = time.perf_counter()

@@ -9,6 +9,7 @@ line, or `MISSREC_DEBUG=1`, shows the traceback of user errors too.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -41,3 +42,12 @@ def run_command(main: Callable[[list[str]], object], argv: Sequence[str] | None 
             raise
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def configure_logging(disable_progress: bool = False) -> None:
+    """Readable logs for the command-line entry points; transformers' save/load bars off when asked."""
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if disable_progress:
+        transformers.utils.logging.disable_progress_bar()

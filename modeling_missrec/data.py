@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
+from torch.utils.data import DataLoader
 
 logger = logging.getLogger(__name__)
 
@@ -550,6 +551,35 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield batches[index].tolist()
         if partial is not None and not self.drop_last:
             yield partial.tolist()
+
+
+def build_loader(
+    split,
+    max_seq_length: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    group_factor: int,
+    num_workers: int,
+    min_fill: float = 0.0,
+) -> DataLoader:
+    dataset = HistoryDataset(split, max_seq_length)
+    sampler = LengthGroupedBatchSampler(
+        dataset.lengths,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        group_factor=group_factor,
+        min_fill=min_fill,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=identity_collate,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
 
 
 def catalog_to_json(catalog: ItemCatalog) -> str:

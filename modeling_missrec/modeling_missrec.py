@@ -747,7 +747,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """As `PreTrainedModel.from_pretrained`, but a pre-training checkpoint is refused: its catalogue is the
-        pre-training corpus, not a domain's. Build the domain model with `trainer.build_model` instead."""
+        pre-training corpus, not a domain's. Build the domain model with `transfer.build_model` instead."""
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(
             pretrained_model_name_or_path
         ):
@@ -762,7 +762,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
             raise ValueError(
                 f"{pretrained_model_name_or_path} is a MissrecForPreTraining checkpoint (its catalogue is the "
                 "pre-training corpus). Transfer it to a domain with run_finetune.py --model_name_or_path, or "
-                "modeling_missrec.trainer.build_model(ModelArguments(model_name_or_path=...), catalog)."
+                "modeling_missrec.transfer.build_model(ModelArguments(model_name_or_path=...), catalog)."
             )
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 

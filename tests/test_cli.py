@@ -14,7 +14,7 @@ from test_trainer import TINY, write_planted_dataset
 
 import run_finetune
 import run_pretrain
-from modeling_missrec.trainer import DataArguments, ModelArguments, PretrainingArguments, TrainingArguments
+from modeling_missrec.training_args import DataArguments, ModelArguments, PretrainingArguments, TrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 

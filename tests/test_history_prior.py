@@ -16,7 +16,9 @@ from modeling_missrec.data import load_atomic_dataset, load_item_catalog
 from modeling_missrec.modeling_missrec import MissrecHistoryPrior, _in_history
 from modeling_missrec.ranking import ids_in_block
 from modeling_missrec.recommend import MissrecRecommender
-from modeling_missrec.trainer import MissrecTrainer, ModelArguments, TrainingArguments, build_model
+from modeling_missrec.trainer import MissrecTrainer
+from modeling_missrec.training_args import ModelArguments, TrainingArguments
+from modeling_missrec.transfer import build_model
 
 NUM_ITEMS = 30
 HISTORY = torch.tensor([[3, 4, 5, 0], [7, 8, 9, 10], [12, 0, 0, 0], [3, 30, 0, 0]])

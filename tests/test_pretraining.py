@@ -21,23 +21,21 @@ from modeling_missrec import MissrecForPreTraining, MissrecForSequentialRecommen
 from modeling_missrec.data import (
     HistoryDataset,
     PretrainingCollator,
+    build_loader,
     item_drop,
     load_atomic_dataset,
     load_item_catalog,
     load_pretraining_corpus,
 )
-from modeling_missrec.trainer import (
-    MissrecPretrainer,
-    MissrecTrainer,
+from modeling_missrec.evaluation import evaluate_ranking
+from modeling_missrec.trainer import MissrecPretrainer, MissrecTrainer
+from modeling_missrec.training_args import (
     ModelArguments,
     PretrainingArguments,
     PretrainModelArguments,
     TrainingArguments,
-    build_loader,
-    build_model,
-    build_pretraining_model,
-    evaluate_ranking,
 )
+from modeling_missrec.transfer import build_model, build_pretraining_model
 
 TINY = "hidden_size=16,num_attention_heads=2,intermediate_size=32,hidden_dropout_prob=0.0,attention_dropout_prob=0.0"
 
@@ -349,7 +347,7 @@ def test_zero_shot_needs_a_pretrained_model(tmp_path):
 
 def test_pretraining_logs_the_zero_shot_signal_of_held_out_users(corpus, tmp_path):
     import run_finetune
-    from modeling_missrec.trainer import PretrainDataArguments
+    from modeling_missrec.training_args import PretrainDataArguments
 
     held_out = write_domain(tmp_path / "H", "H", 22, 30, seed=4)
     data_args = PretrainDataArguments(

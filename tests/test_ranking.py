@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
+from modeling_missrec.evaluation import evaluate_ranking
 from modeling_missrec.ranking import reference_ranks
 from modeling_missrec.recommend import MissrecRecommender
-from modeling_missrec.trainer import evaluate_ranking
 
 NUM_ITEMS = 40
 DUPLICATES = {2: 1, 7: 5, 8: 5, 21: 20, 33: 30}  # item id -> the item id it copies

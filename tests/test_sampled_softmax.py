@@ -10,7 +10,9 @@ from test_trainer import TINY, write_planted_dataset
 
 from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog
-from modeling_missrec.trainer import MissrecTrainer, ModelArguments, TrainingArguments, build_model
+from modeling_missrec.trainer import MissrecTrainer
+from modeling_missrec.training_args import ModelArguments, TrainingArguments
+from modeling_missrec.transfer import build_model
 
 NUM_ITEMS = 60
 

@@ -14,7 +14,9 @@ from test_pretraining import write_domain
 import run_finetune
 from modeling_missrec import MissrecForPreTraining
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog
-from modeling_missrec.trainer import MissrecTrainer, ModelArguments, TrainingArguments, build_model
+from modeling_missrec.trainer import MissrecTrainer
+from modeling_missrec.training_args import ModelArguments, TrainingArguments
+from modeling_missrec.transfer import build_model
 
 SHIPPED = Path(__file__).resolve().parents[1] / "pretrained" / "missrec-amazon5-minilm"
 

@@ -10,17 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_missrec import MissrecForSequentialRecommendation
-from modeling_missrec.data import HistoryDataset, identity_collate, load_atomic_dataset, load_item_catalog
+from modeling_missrec.data import HistoryDataset, build_loader, identity_collate, load_atomic_dataset, load_item_catalog
+from modeling_missrec.evaluation import evaluate_ranking
 from modeling_missrec.metrics import reference_ranks
-from modeling_missrec.trainer import (
-    DataArguments,
-    MissrecTrainer,
-    ModelArguments,
-    TrainingArguments,
-    build_loader,
-    build_model,
-    evaluate_ranking,
-)
+from modeling_missrec.trainer import MissrecTrainer
+from modeling_missrec.training_args import DataArguments, ModelArguments, TrainingArguments
+from modeling_missrec.transfer import build_model
 
 TINY = "hidden_size=32,num_attention_heads=2,intermediate_size=64,hidden_dropout_prob=0.1,attention_dropout_prob=0.1"
 
