@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .atomic import write_atomically
 from .data import AtomicFileError, find_dataset_name, read_index_file, read_text_file
+from .hub import resolve_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def _model_dir(model_path: str | os.PathLike) -> Path:
-    path = Path(model_path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"model folder {str(path)!r} does not exist; models load only from a local folder (nothing is downloaded)"
-        )
-    return path.resolve()
+    """The encoder's folder: a local one, or a Hub id's snapshot (offline: the local Hub cache only)."""
+    return resolve_model_folder(model_path, argument="model").resolve()
 
 
 def _read_json(path: Path) -> Any:
@@ -690,7 +687,7 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--data_dir", required=True, help="folder of the atomic files")
         command.add_argument("--dataset_name", help="the X of X.item2index (default: from the single X.train.inter)")
-        command.add_argument("--model_path", required=True, help="local model folder (nothing is downloaded)")
+        command.add_argument("--model_path", required=True, help="encoder folder or Hub id (offline: cache)")
         command.add_argument("--output", required=True, help="the .npy table to write")
         command.add_argument("--raw_output", help="also write the raw float32 layout (e.g. D/X.feat1CLS)")
         command.add_argument("--batch_size", type=int, default=64 if name == "text" else 32)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .hub import resolve_model_folder
 from .interests import assign_to_centroids
 from .metrics import streaming_topk
 from .modeling_missrec import MissrecForSequentialRecommendation
@@ -83,10 +84,18 @@ class MissrecRecommender:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, index: str = "exact", index_options: Mapping | None = None, **kwargs
+        cls,
+        path: str | os.PathLike,
+        index: str = "exact",
+        index_options: Mapping | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **kwargs,
     ) -> MissrecRecommender:
-        """Load a saved recommender folder (with its `item_ids.json` when present, and the lists of `index`
-        saved beside it when they match the catalogue; otherwise they are rebuilt)."""
+        """Load a saved recommender: a folder or a Hub id (`revision`, `token`; offline, from the local cache),
+        with its `item_ids.json` when present, and the lists of `index` saved beside it when they match the
+        catalogue (otherwise they are rebuilt)."""
+        path = resolve_model_folder(path, revision, token, argument="path")
         model = MissrecForSequentialRecommendation.from_pretrained(path, **kwargs)
         ids_file = Path(path) / ITEM_IDS_FILE
         raw = json.loads(ids_file.read_text())["raw_item_ids"] if ids_file.exists() else None

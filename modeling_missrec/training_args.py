@@ -266,7 +266,17 @@ class ModelArguments:
     """Which model to train. The modalities follow the feature files given in the data arguments."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A saved MISSRec folder to start from (None = from scratch)."}
+        default=None,
+        metadata={
+            "help": "A saved MISSRec to start from: a folder or a Hub id ('user/repo'; offline, from the local "
+            "cache). None = from scratch."
+        },
+    )
+    model_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag or commit) of model_name_or_path."}
+    )
+    token: str | None = field(
+        default=None, metadata={"help": "Hub token for a private model_name_or_path (default: the logged-in one)."}
     )
     mode: str = field(
         default="transductive", metadata={"help": "transductive (item ID table + content) or inductive (content only)."}
@@ -427,7 +437,11 @@ class ZeroShotDomain:
 class PretrainModelArguments:
     """The model to pre-train (content only)."""
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Continue from a saved MISSRec."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from a saved MISSRec: a folder or a Hub id ('user/repo')."}
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of model_name_or_path."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for a private model_name_or_path."})
     interest_ratio: float = field(default=0.02, metadata={"help": "K = ceil(ratio x item tokens); 0.02 in the paper."})
     config_overrides: str | None = field(
         default=None, metadata={"help": "Other MissrecConfig fields, 'name=value,name=value'."}

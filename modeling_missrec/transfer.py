@@ -16,6 +16,7 @@ import torch
 
 from .atomic import complete_interrupted_commit
 from .data import ItemCatalog, PretrainingCorpus
+from .hub import resolve_model_folder
 from .modeling_missrec import MissrecForPreTraining, MissrecForSequentialRecommendation
 from .training_args import ModelArguments, PretrainModelArguments, _expand_path, parse_overrides
 
@@ -42,9 +43,10 @@ def build_model(model_args: ModelArguments, catalog: ItemCatalog) -> MissrecForS
     if model_args.model_name_or_path is None:
         model = MissrecForSequentialRecommendation(MissrecConfig(**settings))
     else:
-        source = MissrecConfig.from_pretrained(model_args.model_name_or_path)
+        folder = resolve_model_folder(model_args.model_name_or_path, model_args.model_revision, model_args.token)
+        source = MissrecConfig.from_pretrained(folder)
         model = MissrecForSequentialRecommendation(_transfer_config(source, settings))
-        _load_matching_weights(model, model_args.model_name_or_path, catalog.raw_item_ids)
+        _load_matching_weights(model, folder, catalog.raw_item_ids)
     model.load_item_features(catalog.features, catalog.present)
     if model_args.finetune_method == "frozen":
         model.freeze_backbone_for_transfer()
@@ -120,7 +122,7 @@ def _load_matching_weights(model, directory: str, raw_item_ids: list[str] | None
     complete_interrupted_commit(directory)
     path = Path(directory) / "model.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"model_name_or_path: {path} not found (a local save_pretrained folder is needed)")
+        raise FileNotFoundError(f"model_name_or_path: {path} not found (a save_pretrained folder or Hub snapshot)")
     saved = load_file(str(path))
     ids_file = Path(directory) / "item_ids.json"
     same_catalogue = (
@@ -181,7 +183,9 @@ def build_pretraining_model(model_args: PretrainModelArguments, corpus: Pretrain
     }
     if model_args.model_name_or_path is None:
         return MissrecForPreTraining(MissrecConfig(**settings))
-    path = _expand_path(model_args.model_name_or_path, "model_name_or_path")
+    path = resolve_model_folder(
+        _expand_path(model_args.model_name_or_path, "model_name_or_path"), model_args.model_revision, model_args.token
+    )
     source = MissrecConfig.from_pretrained(path)
     model = MissrecForPreTraining(_transfer_config(source, settings))
     _load_matching_weights(model, path)
