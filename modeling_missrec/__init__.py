@@ -11,6 +11,7 @@ from .modeling_missrec import (
     MissrecModelOutput,
     MissrecPreTrainedModel,
     MissrecSequentialRecommendationOutput,
+    MissrecTopKOutput,
 )
 
 AutoConfig.register("missrec", MissrecConfig, exist_ok=True)
@@ -30,4 +31,5 @@ __all__ = [
     "MissrecModelOutput",
     "MissrecPreTrainedModel",
     "MissrecSequentialRecommendationOutput",
+    "MissrecTopKOutput",
 ]

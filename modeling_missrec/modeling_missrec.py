@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput, logging
 from .atomic import complete_interrupted_commit
 from .configuration_missrec import MissrecConfig
 from .interests import interest_sets, kmeans, num_interests
-from .ranking import ids_in_block
+from .ranking import ids_in_block, streaming_topk
 
 logger = logging.get_logger(__name__)
 
@@ -53,6 +53,18 @@ class MissrecModelOutput(ModelOutput):
     interest_hidden_states: torch.FloatTensor | None = None
     interest_ids: torch.LongTensor | None = None
     interest_regularization: torch.FloatTensor | None = None
+
+
+@dataclass
+class MissrecTopKOutput(ModelOutput):
+    """Output of [`MissrecForSequentialRecommendation.recommend`].
+
+    item_ids: `[B, k]` the best item ids per history, best first (ties to the lower id); 0 where a row has fewer
+        than k rankable items. scores: `[B, k]` their scores before the temperature (-inf where the id is 0).
+    """
+
+    item_ids: torch.LongTensor | None = None
+    scores: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -1048,6 +1060,31 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         if input_ids is None:
             raise ValueError("this model has a history prior (config.history_prior): pass the histories' input_ids")
         return scores + self.history_prior(input_ids, attention_mask, self.item_features, range(start, end))
+
+    @torch.no_grad()
+    def recommend(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        k: int = 10,
+        exclude_history: bool = False,
+        block_size: int = 8192,
+    ) -> MissrecTopKOutput:
+        """The `k` best items for each history `input_ids` `[B, L]` (right-padded with 0), best first: the
+        streaming top-k over item blocks of `block_size`, so no `[B, num_items]` matrix is held. The scores are
+        the evaluator's (the same block function); `exclude_history` leaves each history's items out. Item ids
+        are 1..num_items; `MissrecRecommender` maps them to raw ids and serves large catalogues from lists. Call it
+        in eval mode (`model.eval()`), as any inference."""
+        sequence = self.encode(input_ids, attention_mask).sequence_embedding
+        items = self.item_tokens()
+        scores, item_ids = streaming_topk(
+            lambda start, end: self.score_items(sequence, items, start, end, input_ids, attention_mask),
+            self.config.num_items,
+            k,
+            block_size,
+            input_ids if exclude_history else None,
+        )
+        return MissrecTopKOutput(item_ids=item_ids, scores=scores)
 
 
 @dataclass

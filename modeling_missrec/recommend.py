@@ -27,7 +27,6 @@ import torch
 
 from .hub import resolve_model_folder
 from .interests import assign_to_centroids
-from .metrics import streaming_topk
 from .modeling_missrec import MissrecForSequentialRecommendation
 from .retrieval import BUILD_OPTIONS, LIST_KINDS, FusedScoreRetriever, catalog_fingerprint
 
@@ -169,22 +168,17 @@ class MissrecRecommender:
     ) -> list[list[Recommendation]]:
         """The `k` best items for each history, best first."""
         results: list[list[Recommendation]] = []
-        items = self.model.item_tokens() if self.retriever is None else None
         for start in range(0, len(histories), batch_size):
             input_ids = self.pad(histories[start : start + batch_size])
-            sequence = self.model.encode(input_ids).sequence_embedding
-            exclude = input_ids if exclude_history else None
             if self.retriever is not None:
+                sequence = self.model.encode(input_ids).sequence_embedding
+                exclude = input_ids if exclude_history else None
                 found = self.retriever.search(sequence, k, exclude, input_ids=input_ids)
-                top_scores, top_items = found.scores, found.item_ids
-            else:
-                top_scores, top_items = streaming_topk(
-                    lambda s, e, sequence=sequence, ids=input_ids: self.model.score_items(sequence, items, s, e, ids),
-                    self.model.config.num_items,
-                    k,
-                    self.block_size,
-                    exclude,
+            else:  # the full scan: the model's own streaming top-k
+                found = self.model.recommend(
+                    input_ids, k=k, exclude_history=exclude_history, block_size=self.block_size
                 )
+            top_scores, top_items = found.scores, found.item_ids
             for scores_row, items_row in zip(top_scores.tolist(), top_items.tolist()):
                 results.append(
                     [

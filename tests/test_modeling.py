@@ -360,11 +360,34 @@ expected = torch.load({str(tmp_path / "expected.pt")!r})
 with torch.no_grad():
     logits = model(expected["input_ids"]).logits
 assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+top = model.recommend(expected["input_ids"], k=5)  # top-k, not only logits, for remote-code users
+assert torch.equal(top.item_ids, expected["logits"].topk(5).indices), (top.item_ids, expected["logits"].topk(5))
 print("remote-code-ok")
 """
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and "remote-code-ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("history_prior", [False, True])
+def test_recommend_is_the_top_k_of_the_logits_without_the_score_matrix(history_prior):
+    model = tiny_model(history_prior=history_prior).eval()
+    if history_prior:  # weights of both signs, so that every term moves the order
+        with torch.no_grad():
+            model.history_prior.weight.copy_(torch.tensor([0.3, -0.2, -0.5, 0.1])[: model.history_prior.weight.numel()])
+    input_ids = histories()
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    top = model.recommend(input_ids, k=7, block_size=4)
+    assert torch.equal(top.item_ids, logits.topk(7).indices)
+    torch.testing.assert_close(top.scores / model.config.temperature, logits.topk(7).values)
+    excluded = model.recommend(input_ids, k=NUM_ITEMS, exclude_history=True, block_size=5)
+    for row, history in enumerate(input_ids.tolist()):
+        kept = [i for i in excluded.item_ids[row].tolist() if i]
+        assert not set(kept) & set(history) and len(kept) == NUM_ITEMS - len(set(history) - {0})
+        masked = logits[row].clone()
+        masked[[i for i in history if i]] = float("-inf")
+        assert kept == masked.topk(len(kept)).indices.tolist()
 
 
 def test_static_fusion_has_no_trainable_factor_so_every_trainable_parameter_gets_a_gradient():
