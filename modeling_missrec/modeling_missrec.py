@@ -24,6 +24,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithCrossAttentions
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .atomic import complete_interrupted_commit
@@ -46,6 +49,10 @@ class MissrecModelOutput(ModelOutput):
         `last_position_only=True`).
     interest_hidden_states: `[B, Q, H]` encoded interest tokens; `interest_ids` `[B, Q]` their ids (0 = padding).
     interest_regularization: scalar interest regulariser R of the batch (before its weight gamma).
+    encoder_hidden_states / decoder_hidden_states (`output_hidden_states`): each layer's input and the last
+        layer's output, before the final LayerNorm (the decoder's last with `last_position_only`: that row).
+    encoder_attentions / decoder_attentions / cross_attentions (`output_attentions`): each layer's weights
+        `[B, heads, queries, keys]` over the interest set, the history, and the history to the interests.
     """
 
     sequence_embedding: torch.FloatTensor | None = None
@@ -53,6 +60,11 @@ class MissrecModelOutput(ModelOutput):
     interest_hidden_states: torch.FloatTensor | None = None
     interest_ids: torch.LongTensor | None = None
     interest_regularization: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -77,12 +89,19 @@ class MissrecSequentialRecommendationOutput(ModelOutput):
         the sampled negatives), logQ-corrected and with accidental hits at -inf.
     sequence_embedding: `[B, H]` the normalised user representation.
     interest_regularization: the unweighted regulariser.
+    encoder_hidden_states, encoder_attentions, decoder_hidden_states, decoder_attentions, cross_attentions: the
+        backbone's, with `output_hidden_states` / `output_attentions` (see `MissrecModelOutput`).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     sequence_embedding: torch.FloatTensor | None = None
     interest_regularization: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -115,13 +134,40 @@ class ItemTokens:
         return ItemTokens(self.modality_tokens[:, lo:hi], self.present[:, lo:hi], ids, start)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference attention, written out: softmax(q k^T x scaling, masked) v, and the weights
+    (`output_attentions`). `attention_mask` is boolean `[B, 1, 1, S]`, True at keys that may be attended to (as
+    SDPA takes it). Returns the output `[B, Q, heads, head_dim]` and the weights `[B, heads, Q, S]`."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+    weights = F.dropout(F.softmax(weights, dim=-1), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class MissrecAttention(nn.Module):
-    """Multi-head attention with separate q/k/v/o projections (LoRA targets) and SDPA with a key padding mask."""
+    """Multi-head attention with separate q/k/v/o projections (LoRA targets), through transformers' attention
+    interface: `config._attn_implementation` "sdpa" (the default) or "eager" (`eager_attention_forward`), or any
+    function registered with `transformers.AttentionInterface` that takes a boolean key mask."""
+
+    is_causal = False  # every position sees every other (the decoder is not causal, the encoder reads a set)
 
     def __init__(self, config: MissrecConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = 1.0 / math.sqrt(self.head_dim)  # SDPA's default scale, exactly
         self.dropout = config.attention_dropout_prob
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
@@ -140,18 +186,21 @@ class MissrecAttention(nn.Module):
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`key_padding_mask` `[B, S]` is True at keys that may be attended to."""
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`key_padding_mask` `[B, S]` is True at keys that may be attended to. Returns the output and, with
+        `output_attentions` (computed by the eager function, the only one that forms them), the weights."""
         source = hidden_states if key_value_states is None else key_value_states
         query = self._split_heads(self.q_proj(hidden_states))
         key = self._split_heads(self.k_proj(source))
         value = self._split_heads(self.v_proj(source))
         attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        batch, _, length, _ = attended.shape
-        return self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+        implementation = "eager" if output_attentions else self.config._attn_implementation or "sdpa"
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        dropout = self.dropout if self.training else 0.0
+        attended, weights = attend(self, query, key, value, attn_mask, dropout=dropout, scaling=self.scaling)
+        batch, length = attended.shape[:2]
+        return self.o_proj(attended.reshape(batch, length, -1)), weights
 
 
 class MissrecMLP(nn.Module):
@@ -166,7 +215,7 @@ class MissrecMLP(nn.Module):
         return self.fc2(self.dropout(self.act(self.fc1(hidden_states))))
 
 
-class MissrecEncoderLayer(nn.Module):
+class MissrecEncoderLayer(GradientCheckpointingLayer):
     """Post-LN self-attention layer over the interest tokens (a set: no positions)."""
 
     def __init__(self, config: MissrecConfig):
@@ -177,13 +226,17 @@ class MissrecEncoderLayer(nn.Module):
         self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        attended = self.self_attn(hidden_states, key_padding_mask=padding_mask)
+    def forward(
+        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.self_attn(
+            hidden_states, key_padding_mask=padding_mask, output_attentions=output_attentions
+        )
         hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
-        return self.mlp_layer_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+        return self.mlp_layer_norm(hidden_states + self.dropout(self.mlp(hidden_states))), weights
 
 
-class MissrecDecoderLayer(nn.Module):
+class MissrecDecoderLayer(GradientCheckpointingLayer):
     """Post-LN layer over the item tokens: non-causal self-attention, cross-attention to interests, MLP."""
 
     def __init__(self, config: MissrecConfig):
@@ -203,15 +256,21 @@ class MissrecDecoderLayer(nn.Module):
         interest_states: torch.Tensor,
         interest_mask: torch.Tensor,
         query_states: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Outputs at the rows `query_states` `[B, Q, H]` (by default every position of `hidden_states`); keys and
-        values always come from every position, so a row's output does not depend on which rows are computed."""
+        values always come from every position, so a row's output does not depend on which rows are computed.
+        Returns the states, the self-attention and the cross-attention weights (None unless asked)."""
         queries = hidden_states if query_states is None else query_states
-        attended = self.self_attn(queries, hidden_states, key_padding_mask=padding_mask)
+        attended, self_weights = self.self_attn(
+            queries, hidden_states, key_padding_mask=padding_mask, output_attentions=output_attentions
+        )
         hidden_states = self.self_attn_layer_norm(queries + self.dropout(attended))
-        crossed = self.cross_attn(hidden_states, interest_states, key_padding_mask=interest_mask)
+        crossed, cross_weights = self.cross_attn(
+            hidden_states, interest_states, key_padding_mask=interest_mask, output_attentions=output_attentions
+        )
         hidden_states = self.cross_attn_layer_norm(hidden_states + self.dropout(crossed))
-        return self.mlp_layer_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+        return self.mlp_layer_norm(hidden_states + self.dropout(self.mlp(hidden_states))), self_weights, cross_weights
 
 
 class MissrecEncoder(nn.Module):
@@ -222,10 +281,26 @@ class MissrecEncoder(nn.Module):
         self.layers = nn.ModuleList(MissrecEncoderLayer(config) for _ in range(config.num_encoder_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        """`last_hidden_state` after the final LayerNorm; `hidden_states` the input of every layer and the last
+        output (before the norm), `attentions` every layer's weights, when asked."""
+        states, weights = (), ()
         for layer in self.layers:
-            hidden_states = layer(hidden_states, padding_mask)
-        return self.norm(hidden_states)
+            states += (hidden_states,) if output_hidden_states else ()
+            hidden_states, attention = layer(hidden_states, padding_mask, output_attentions)
+            weights += (attention,) if output_attentions else ()
+        states += (hidden_states,) if output_hidden_states else ()
+        return BaseModelOutput(
+            last_hidden_state=self.norm(hidden_states),
+            hidden_states=states or None,
+            attentions=weights or None,
+        )
 
 
 class MissrecDecoder(nn.Module):
@@ -243,17 +318,31 @@ class MissrecDecoder(nn.Module):
         interest_states: torch.Tensor,
         interest_mask: torch.Tensor,
         output_positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutputWithCrossAttentions:
         """States `[B, L, H]`, or `[B, 1, H]` at `output_positions` `[B]` only: the last layer then computes
-        that one row per sequence (its self-attention is not causal, so the row still sees every position)."""
-        *inner, last = self.layers  # the config asks for at least one layer
-        for layer in inner:
-            hidden_states = layer(hidden_states, padding_mask, interest_states, interest_mask)
-        queries = None
-        if output_positions is not None:
-            rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-            queries = hidden_states[rows, output_positions].unsqueeze(1)
-        return self.norm(last(hidden_states, padding_mask, interest_states, interest_mask, queries))
+        that one row per sequence (its self-attention is not causal, so the row still sees every position); its
+        hidden state and attention weights are then that row's."""
+        states, self_weights, cross_weights = (), (), ()
+        for index, layer in enumerate(self.layers):
+            queries = None
+            if output_positions is not None and index == len(self.layers) - 1:
+                rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+                queries = hidden_states[rows, output_positions].unsqueeze(1)
+            states += (hidden_states,) if output_hidden_states else ()
+            hidden_states, attention, crossed = layer(
+                hidden_states, padding_mask, interest_states, interest_mask, queries, output_attentions
+            )
+            self_weights += (attention,) if output_attentions else ()
+            cross_weights += (crossed,) if output_attentions else ()
+        states += (hidden_states,) if output_hidden_states else ()
+        return BaseModelOutputWithCrossAttentions(
+            last_hidden_state=self.norm(hidden_states),
+            hidden_states=states or None,
+            attentions=self_weights or None,
+            cross_attentions=cross_weights or None,
+        )
 
 
 class MissrecItemAdaptor(nn.Linear):
@@ -316,8 +405,9 @@ class MissrecPreTrainedModel(PreTrainedModel):
     config_class = MissrecConfig
     base_model_prefix = "missrec"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_attention_backend = True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -453,6 +543,8 @@ class MissrecModel(MissrecPreTrainedModel):
         item_tokens: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         last_position_only: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> MissrecModelOutput | tuple:
         """Encode histories.
@@ -468,8 +560,14 @@ class MissrecModel(MissrecPreTrainedModel):
             the full computation up to float rounding (tested); the original computed every position and kept
             the last. The heads pass their attribute `last_position_only` (True; on a peft model set it on
             `get_base_model()`).
+        output_attentions / output_hidden_states: also return every encoder and decoder layer's attention
+            weights (computed by the eager function) / input states (default: the config's).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        outputs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         if attention_mask is None:
             attention_mask = input_ids != 0
         attention_mask = attention_mask.bool()
@@ -487,37 +585,43 @@ class MissrecModel(MissrecPreTrainedModel):
             # The original's sets kept a padding slot (id 0, a zero input, masked as a key) whose encoder
             # output its regulariser summed: one appended zero slot gives that output exactly.
             interest_vectors = F.pad(interest_vectors, (0, 0, 0, 1))
-            interest_states = self.encoder(interest_vectors, F.pad(interest_mask, (0, 1)))
-            padding_state, interest_states = interest_states[:, -1], interest_states[:, :-1]
+            encoded = self.encoder(interest_vectors, F.pad(interest_mask, (0, 1)), **outputs)
+            padding_state, interest_states = encoded.last_hidden_state[:, -1], encoded.last_hidden_state[:, :-1]
             # Id 0 was in a set when the history was shorter than max_seq_length (its padding) or one of its
             # items lacks a modality (masked out here, an id-0 token there).
             per_position = self.interest_tokenizer.item_interest_ids[:, input_ids]  # [M, B, L]
             missing = ((per_position == 0) & attention_mask.unsqueeze(0)).any(0).any(1)
             zero_in_set = (attention_mask.sum(1) < self.config.max_seq_length) | missing
         else:
-            interest_states, padding_state = self.encoder(interest_vectors, interest_mask), None
+            encoded = self.encoder(interest_vectors, interest_mask, **outputs)
+            interest_states, padding_state = encoded.last_hidden_state, None
             zero_in_set = None
         regularization = self.interest_regularization(interest_states, interest_ids, zero_in_set, padding_state)
 
         decoder_input = self.embed_items(input_ids, item_tokens, modality_mask)
         last_position = (attention_mask * torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)).argmax(1)
+        positions = last_position if last_position_only else None
+        decoded = self.decoder(decoder_input, attention_mask, interest_states, interest_mask, positions, **outputs)
+        hidden = decoded.last_hidden_state
         if last_position_only:
-            hidden = self.decoder(decoder_input, attention_mask, interest_states, interest_mask, last_position)
             sequence_embedding = F.normalize(hidden[:, 0])
         else:
-            hidden = self.decoder(decoder_input, attention_mask, interest_states, interest_mask)
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             sequence_embedding = F.normalize(hidden[rows, last_position])
 
-        if not return_dict:
-            return (sequence_embedding, hidden, interest_states, interest_ids, regularization)
-        return MissrecModelOutput(
+        output = MissrecModelOutput(
             sequence_embedding=sequence_embedding,
             last_hidden_state=hidden,
             interest_hidden_states=interest_states,
             interest_ids=interest_ids,
             interest_regularization=regularization,
+            encoder_hidden_states=encoded.hidden_states,
+            encoder_attentions=encoded.attentions,
+            decoder_hidden_states=decoded.hidden_states,
+            decoder_attentions=decoded.attentions,
+            cross_attentions=decoded.cross_attentions,
         )
+        return output if return_dict else output.to_tuple()
 
     def embed_items(
         self, input_ids: torch.Tensor, item_tokens: torch.Tensor, modality_mask: torch.Tensor
@@ -892,8 +996,22 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         empty = (~real.any(1)).nonzero()
         if empty.numel():
             raise ValueError(f"input_ids row {int(empty[0, 0])} is an empty history; expected at least one item.")
+        # Positions count from the first slot: a left-padded row would give its items the wrong positions.
+        gap = (real[:, 1:] & ~real[:, :-1]).any(1).nonzero()
+        if gap.numel():
+            raise ValueError(
+                f"input_ids row {int(gap[0, 0])} has padding before an item (left-padded?); histories are "
+                "right-padded: oldest item first, padding (0) after the last."
+            )
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, raw_tokens=None):
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        raw_tokens: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> MissrecModelOutput:
         """Backbone output for histories `input_ids` `[B, L]`, item tokens looked up in the catalogue; its
         `last_hidden_state` is `[B, 1, H]` (the last position) unless `self.last_position_only` is False."""
         if self.check_inputs:
@@ -905,6 +1023,9 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
             modality_mask=self._present()[:, input_ids],
             attention_mask=attention_mask,
             last_position_only=self.last_position_only,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
 
     def forward(
@@ -912,11 +1033,14 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> MissrecSequentialRecommendationOutput | tuple:
         """Logits over the whole catalogue for histories `input_ids`; with `labels` `[B]` (target item ids) the
-        loss. As the original, the full softmax runs over all items; fix: the padding column is excluded."""
+        loss. As the original, the full softmax runs over all items; fix: the padding column is excluded.
+        `output_attentions` / `output_hidden_states`: the backbone's layer weights / states (see
+        `MissrecModelOutput`; not with the sampled softmax's training step)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None and self.check_inputs:
             if int(labels.min()) < 1 or int(labels.max()) > self.config.num_items:
@@ -924,7 +1048,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         if labels is not None and self.training and self.config.loss_type == "sampled":
             return self._sampled_softmax_forward(input_ids, attention_mask, labels, return_dict)
         raw = self._catalog_raw_tokens()
-        backbone = self.encode(input_ids, attention_mask, raw_tokens=raw)
+        backbone = self.encode(input_ids, attention_mask, raw, output_attentions, output_hidden_states)
         scores = self.fusion(backbone.sequence_embedding, self.item_tokens(raw))
         if self.history_prior is not None:
             ids = range(self.config.num_items + 1)
@@ -935,15 +1059,18 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         if labels is not None:
             loss = F.cross_entropy(logits, labels)
             loss = loss + self.config.interest_reg_weight * _regularizer_scale(self) * backbone.interest_regularization
-        if not return_dict:
-            output = (logits, backbone.sequence_embedding, backbone.interest_regularization)
-            return (loss, *output) if loss is not None else output
-        return MissrecSequentialRecommendationOutput(
+        output = MissrecSequentialRecommendationOutput(
             loss=loss,
             logits=logits,
             sequence_embedding=backbone.sequence_embedding,
             interest_regularization=backbone.interest_regularization,
+            encoder_hidden_states=backbone.encoder_hidden_states,
+            encoder_attentions=backbone.encoder_attentions,
+            decoder_hidden_states=backbone.decoder_hidden_states,
+            decoder_attentions=backbone.decoder_attentions,
+            cross_attentions=backbone.cross_attentions,
         )
+        return output if return_dict else output.to_tuple()
 
     # ----------------------------------------------------------------------------------- sampled softmax
     def set_target_frequencies(self, counts: torch.Tensor | np.ndarray) -> None:
@@ -1211,7 +1338,6 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
         augmented_attention_mask: torch.Tensor | None = None,
         augmented_modality_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> MissrecPreTrainingOutput | tuple:
         """Histories `input_ids` `[B, L]` with their features `{m: [B, L, F_m]}`, next items `target_features`
         `{m: [B, F_m]}` (and their global ids for duplicate masking), optionally an augmented view."""

@@ -411,7 +411,7 @@ def test_summed_regulariser_counts_the_whole_optimiser_batch():
 def record_last_layer_widths(decoder) -> list[int]:
     """The number of positions the last decoder layer outputs, per forward."""
     widths = []
-    decoder.layers[-1].register_forward_hook(lambda module, inputs, output: widths.append(output.shape[1]))
+    decoder.layers[-1].register_forward_hook(lambda module, inputs, output: widths.append(output[0].shape[1]))
     return widths
 
 
@@ -478,7 +478,7 @@ def original_regulariser(model, input_ids: torch.Tensor) -> torch.Tensor:
         rows.append(sorted(set(ids.tolist())))
     width = max(len(r) for r in rows)
     sets = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    states = backbone.encoder(tokenizer.centroids[sets], sets != 0)
+    states = backbone.encoder(tokenizer.centroids[sets], sets != 0).last_hidden_state
     count = (sets != 0).sum(1, keepdim=True).float()
     pooled = count / width * states.sum(1)
     return (pooled.pow(2).sum(-1) / states.shape[-1]).sum()
@@ -529,3 +529,69 @@ def test_a_broken_saved_model_is_refused_with_one_line_naming_what_is_wrong(tmp_
     save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     model, info = MissrecForSequentialRecommendation.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and isinstance(model, MissrecForSequentialRecommendation)
+
+
+# ------------------------------------------------------------------- HF behaviour: attention, outputs, checkpointing
+def test_eager_and_sdpa_attention_give_the_same_logits(tmp_path):
+    model = tiny_model().eval()
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        sdpa = model(histories()).logits
+        model.set_attn_implementation("eager")
+        eager = model(histories()).logits
+    torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = MissrecForSequentialRecommendation.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert loaded.missrec.encoder.layers[0].self_attn.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(histories()).logits, eager)
+
+
+def test_output_attentions_and_hidden_states_return_what_they_say():
+    model = tiny_model().eval()
+    model.last_position_only = False  # every position, so that the decoder's weights cover the whole history
+    input_ids = histories()
+    with torch.no_grad():
+        plain = model(input_ids)
+        out = model(input_ids, output_attentions=True, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=1e-5, atol=1e-5)  # eager weights, same scores
+    assert plain.decoder_attentions is None and plain.encoder_hidden_states is None
+    config, (batch, length) = model.config, input_ids.shape
+    assert len(out.encoder_attentions) == config.num_encoder_layers
+    assert len(out.decoder_attentions) == len(out.cross_attentions) == config.num_decoder_layers
+    assert len(out.decoder_hidden_states) == config.num_decoder_layers + 1
+    assert len(out.encoder_hidden_states) == config.num_encoder_layers + 1
+    for weights in out.decoder_attentions:
+        assert weights.shape == (batch, config.num_attention_heads, length, length)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(batch, config.num_attention_heads, length))
+        assert (weights.transpose(1, 3)[input_ids == 0] == 0).all()  # no weight on a padded key
+    interests = out.cross_attentions[0].shape[-1]
+    assert out.encoder_attentions[0].shape == (batch, config.num_attention_heads, interests, interests)
+    assert out.decoder_hidden_states[0].shape == (batch, length, config.hidden_size)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    labels = torch.tensor([4, 8, 15, 16])
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(hidden_dropout_prob=0.0, attention_dropout_prob=0.0)
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert model.missrec.decoder.layers[0].gradient_checkpointing
+        loss = model(histories(), labels=labels).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grad_a.keys() == grad_b.keys()
+    for name in grad_a:
+        torch.testing.assert_close(grad_a[name], grad_b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_left_padded_histories_and_unknown_keywords_are_refused():
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match="row 1 has padding before an item"):
+        model(torch.tensor([[3, 7, 9], [0, 2, 3]]))
+    with pytest.raises(TypeError, match="labelz"):
+        model(histories(), labelz=torch.tensor([1, 2, 3, 4]))
