@@ -31,7 +31,9 @@ from transformers.utils import ModelOutput, logging
 
 from .atomic import complete_interrupted_commit
 from .configuration_missrec import MissrecConfig
+from .distributed import gather_no_grad, gather_sizes, gather_with_grad, rank_and_world_size
 from .interests import interest_sets, kmeans, num_interests
+from .losses import augmented_view_loss, in_batch_contrastive_loss, sampled_softmax_loss
 from .ranking import ids_in_block, streaming_topk
 
 logger = logging.get_logger(__name__)
@@ -1152,12 +1154,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         # Only the candidates' entries: nothing in the step is as long as the catalogue.
         drawn = negative_probability[candidates] if torch.is_tensor(negative_probability) else negative_probability
         expected = len(labels) * self._target_probability_or_raise()[candidates] + len(negatives) * drawn
-        logits = logits - expected.log()
-        diagonal = torch.eye(len(labels), len(candidates), dtype=torch.bool, device=device)
-        accidental = (candidates.unsqueeze(0) == labels.unsqueeze(1)) & ~diagonal
-        logits = logits.masked_fill(accidental, float("-inf"))
-        targets = torch.arange(len(labels), device=device)
-        loss = F.cross_entropy(logits, targets)
+        loss = sampled_softmax_loss(logits, candidates, labels, expected)
         loss = loss + config.interest_reg_weight * _regularizer_scale(self) * backbone.interest_regularization
         if not return_dict:
             return (loss, logits, backbone.sequence_embedding, backbone.interest_regularization)
@@ -1239,52 +1236,7 @@ def _regularizer_scale(model: nn.Module) -> float:
     if model.config.interest_reg_reduction != "sum":
         return 1.0
     scale = getattr(model, "summed_loss_scale", None)
-    return float(scale) if scale is not None else float(_world()[1])
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _gather_sizes(size: int, device: torch.device) -> list[int]:
-    """Every process's local batch size (the last batches of an epoch may differ between processes)."""
-    _, world = _world()
-    if world == 1:
-        return [size]
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
-    torch.distributed.all_gather(sizes, torch.tensor([size], device=device))
-    return [int(s) for s in sizes]
-
-
-def _pad_to(tensor: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    missing = size - tensor.shape[dim]
-    if missing == 0:
-        return tensor.contiguous()
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim).contiguous()
-
-
-def _gather_with_grad(tensor: torch.Tensor, sizes: list[int], dim: int = 0) -> torch.Tensor:
-    """Concatenate `tensor` from every process along `dim`; gradients flow back to each owner."""
-    if len(sizes) == 1:
-        return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    pieces = all_gather(_pad_to(tensor, max(sizes), dim))
-    return torch.cat([piece.narrow(dim, 0, n) for piece, n in zip(pieces, sizes)], dim=dim)
-
-
-def _gather_no_grad(tensor: torch.Tensor, sizes: list[int], dim: int = 0) -> torch.Tensor:
-    if len(sizes) == 1:
-        return tensor
-    padded = _pad_to(tensor, max(sizes), dim)
-    pieces = [torch.empty_like(padded) for _ in sizes]
-    torch.distributed.all_gather(pieces, padded)
-    return torch.cat([piece.narrow(dim, 0, n) for piece, n in zip(pieces, sizes)], dim=dim)
+    return float(scale) if scale is not None else float(rank_and_world_size()[1])
 
 
 class MissrecForPreTraining(MissrecPreTrainedModel):
@@ -1342,7 +1294,7 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
         """Histories `input_ids` `[B, L]` with their features `{m: [B, L, F_m]}`, next items `target_features`
         `{m: [B, F_m]}` (and their global ids for duplicate masking), optionally an augmented view."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        rank, world = _world()
+        rank, world = rank_and_world_size()
         config = self.config
         backbone = self.missrec(
             input_ids,
@@ -1353,19 +1305,19 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
         )
         sequence = backbone.sequence_embedding
         batch = sequence.shape[0]
-        sizes = _gather_sizes(batch, sequence.device)
+        sizes = gather_sizes(batch, sequence.device)
         labels = torch.arange(batch, device=sequence.device) + sum(sizes[:rank])
 
         tokens = F.normalize(self.missrec.adapt(target_features), dim=-1)  # [M, B, H]
         present = self._modality_mask(target_features, target_modality_mask)
-        candidates = ItemTokens(_gather_with_grad(tokens, sizes, 1), _gather_no_grad(present, sizes, 1), None, 0)
+        candidates = ItemTokens(gather_with_grad(tokens, sizes, 1), gather_no_grad(present, sizes, 1), None, 0)
         logits = self.fusion(sequence, candidates) / config.temperature  # [B, global batch]
         if config.mask_duplicate_targets and target_ids is not None:
-            all_targets = _gather_no_grad(target_ids, sizes)
-            duplicate = all_targets.unsqueeze(0) == target_ids.unsqueeze(1)
-            duplicate[torch.arange(batch, device=logits.device), labels] = False
-            logits = logits.masked_fill(duplicate, float("-inf"))
-        sequence_item_loss = F.cross_entropy(logits, labels)
+            sequence_item_loss = in_batch_contrastive_loss(
+                logits, labels, target_ids, gather_no_grad(target_ids, sizes)
+            )
+        else:
+            sequence_item_loss = in_batch_contrastive_loss(logits, labels)
 
         regularization = backbone.interest_regularization
         sequence_sequence_loss = None
@@ -1377,8 +1329,8 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
                 attention_mask=augmented_attention_mask,
                 last_position_only=self.last_position_only,
             )
-            all_augmented = _gather_with_grad(augmented.sequence_embedding, sizes)
-            sequence_sequence_loss = F.cross_entropy(sequence @ all_augmented.T / config.temperature, labels)
+            all_augmented = gather_with_grad(augmented.sequence_embedding, sizes)
+            sequence_sequence_loss = augmented_view_loss(sequence, all_augmented, labels, config.temperature)
             regularization = regularization + augmented.interest_regularization
         # The process group averages gradients: weight each process's losses by its share of the global batch
         # so that the step equals one process on the whole batch (also when the last batches differ in size).
