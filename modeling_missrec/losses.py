@@ -14,17 +14,17 @@ import torch.nn.functional as F
 
 def sampled_softmax_loss(
     logits: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, expected_counts: torch.Tensor
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of row b's target (column b) among sampled candidates `candidates` `[B + S]` (the batch's
     targets, then S shared negatives). Each column's logit is lowered by the log of its expected count among
     the candidates (`expected_counts` `[B + S]`, the logQ correction that makes the sampled softmax an unbiased
     estimate of the full one); a column holding row b's target elsewhere than column b (an accidental hit) is
-    masked, not a negative."""
+    masked, not a negative. Returns the loss and the corrected, masked logits."""
     logits = logits - expected_counts.log()
     diagonal = torch.eye(len(labels), len(candidates), dtype=torch.bool, device=logits.device)
     accidental = (candidates.unsqueeze(0) == labels.unsqueeze(1)) & ~diagonal
     logits = logits.masked_fill(accidental, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(labels), device=logits.device))
+    return F.cross_entropy(logits, torch.arange(len(labels), device=logits.device)), logits
 
 
 def in_batch_contrastive_loss(

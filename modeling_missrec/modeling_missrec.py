@@ -1154,7 +1154,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         # Only the candidates' entries: nothing in the step is as long as the catalogue.
         drawn = negative_probability[candidates] if torch.is_tensor(negative_probability) else negative_probability
         expected = len(labels) * self._target_probability_or_raise()[candidates] + len(negatives) * drawn
-        loss = sampled_softmax_loss(logits, candidates, labels, expected)
+        loss, logits = sampled_softmax_loss(logits, candidates, labels, expected)
         loss = loss + config.interest_reg_weight * _regularizer_scale(self) * backbone.interest_regularization
         if not return_dict:
             return (loss, logits, backbone.sequence_embedding, backbone.interest_regularization)
