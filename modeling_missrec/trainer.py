@@ -8,6 +8,7 @@ At the end the best model is evaluated once on test and written with `save_pretr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -230,6 +231,28 @@ def _resize_interest_state(model, num_interests: int) -> None:
     model.config.num_interests = num_interests
 
 
+@contextlib.contextmanager
+def _quiet_saving():
+    """Accelerate logs seven INFO lines per saved or loaded state (weights, optimiser, each sampler, RNG) and
+    transformers draws a progress bar per model written: one epoch's log line should not drown in them.
+    Warnings and errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(name) for name in ("accelerate.accelerator", "accelerate.checkpointing")]
+    levels = [log.level for log in loggers]
+    bars = hf_logging.is_progress_bar_enabled()
+    for log in loggers:
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class _AcceleratedLoop:
     """What the fine-tuning and pre-training loops share: the Accelerator, atomic checkpoints, resume,
     atomic model folders, and the epoch of optimisation steps."""
@@ -291,7 +314,8 @@ class _AcceleratedLoop:
         if self.accelerator.is_main_process and temporary.exists():
             shutil.rmtree(temporary)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(temporary))
+        with _quiet_saving():
+            self.accelerator.save_state(str(temporary))
         self.accelerator.wait_for_everyone()  # every rank's RNG file is written before the folder is hashed and swapped
         if self.accelerator.is_main_process:
             write_atomically(temporary / CHECKSUMS_FILE, json.dumps(_file_checksums(temporary), indent=2))
@@ -331,7 +355,8 @@ class _AcceleratedLoop:
                 "resume with the same ones, or start a new run in another output_dir."
             )
         _resize_interest_state(self.unwrapped, self.state.num_interests)
-        self.accelerator.load_state(str(directory))
+        with _quiet_saving():
+            self.accelerator.load_state(str(directory))
         self.log("resumed from %s after epoch %d", directory, self.state.epoch)
 
     def save_model(self, directory: Path, extra_files: Mapping[str, str] | None = None) -> None:
@@ -348,12 +373,13 @@ class _AcceleratedLoop:
             temporary = staging_dir(directory) if in_place else directory.with_name(f".{directory.name}.tmp")
             if not in_place and temporary.exists():
                 shutil.rmtree(temporary)
-            if _is_peft(model):
-                model.save_pretrained(temporary / "lora_adapter")
-                merged = copy.deepcopy(model).merge_and_unload()
-                merged.save_pretrained(temporary)
-            else:
-                model.save_pretrained(temporary)
+            with _quiet_saving():
+                if _is_peft(model):
+                    model.save_pretrained(temporary / "lora_adapter")
+                    merged = copy.deepcopy(model).merge_and_unload()
+                    merged.save_pretrained(temporary)
+                else:
+                    model.save_pretrained(temporary)
             if in_place:
                 torch.save(model.state_dict(), temporary / "training_state.pt")
                 commit_files(directory, temporary, extra_files)
