@@ -207,7 +207,7 @@ class TrainingArguments(LoopArguments):
 FINETUNE_METHODS = ("full", "frozen", "lora", "prior")
 
 
-def _expand_path(path: str, name: str) -> str:
+def expand_path(path: str, name: str) -> str:
     resolved = os.path.expandvars(os.path.expanduser(path))
     if "$" in resolved:
         raise ValueError(f"{name}={path!r}: an environment variable in it is not set")
@@ -258,7 +258,7 @@ class DataArguments:
         }
 
     def resolved_data_dir(self) -> str:
-        return _expand_path(self.data_dir, "data_dir")
+        return expand_path(self.data_dir, "data_dir")
 
 
 @dataclass
@@ -329,7 +329,7 @@ class ModelArguments:
         _check("interest_ratio", self.interest_ratio, lambda v: 0 < v <= 1, "a float in (0, 1]")
         check_config_overrides(parse_overrides(self.config_overrides))
         if self.model_name_or_path is not None:
-            self.model_name_or_path = _expand_path(self.model_name_or_path, "model_name_or_path")
+            self.model_name_or_path = expand_path(self.model_name_or_path, "model_name_or_path")
 
 
 @dataclass
@@ -411,12 +411,12 @@ class PretrainDataArguments:
         return {m: size for m, size in sizes.items() if size and m in files and not files[m].endswith(".npy")}
 
     def resolved_domain_dirs(self) -> list[str]:
-        return [_expand_path(d, "domain_dirs") for d in self.domain_dirs]
+        return [expand_path(d, "domain_dirs") for d in self.domain_dirs]
 
     def load_validation_domains(self) -> list[ZeroShotDomain]:
         """The held-out users' folders as (name, catalogue, valid split)."""
         domains = []
-        for directory in (_expand_path(d, "validation_dirs") for d in self.validation_dirs):
+        for directory in (expand_path(d, "validation_dirs") for d in self.validation_dirs):
             name = find_dataset_name(directory)
             files = {m: pattern.format(name=name) for m, pattern in self.feature_files().items()}
             catalog = load_item_catalog(directory, name, files, self.feature_sizes())

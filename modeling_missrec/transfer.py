@@ -18,7 +18,7 @@ from .atomic import complete_interrupted_commit
 from .data import ItemCatalog, PretrainingCorpus
 from .hub import resolve_model_folder
 from .modeling_missrec import MissrecForPreTraining, MissrecForSequentialRecommendation
-from .training_args import ModelArguments, PretrainModelArguments, _expand_path, parse_overrides
+from .training_args import ModelArguments, PretrainModelArguments, expand_path, parse_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def build_pretraining_model(model_args: PretrainModelArguments, corpus: Pretrain
     if model_args.model_name_or_path is None:
         return MissrecForPreTraining(MissrecConfig(**settings))
     path = resolve_model_folder(
-        _expand_path(model_args.model_name_or_path, "model_name_or_path"), model_args.model_revision, model_args.token
+        expand_path(model_args.model_name_or_path, "model_name_or_path"), model_args.model_revision, model_args.token
     )
     source = MissrecConfig.from_pretrained(path)
     model = MissrecForPreTraining(_transfer_config(source, settings))
