@@ -301,6 +301,15 @@ class _AcceleratedLoop:
         if self.accelerator.is_main_process:
             logger.info(message, *args)
 
+    def start(self, tracker_name: str) -> TrainerState:
+        """Resume from `resume_from_checkpoint` (or record this run's settings), start the trackers."""
+        if self.args.resume_from_checkpoint:
+            self.load_checkpoint(self.args.resume_from_checkpoint)
+        else:
+            self.state.settings = self.resume_settings()
+        self.start_trackers(tracker_name)
+        return self.state
+
     def start_trackers(self, name: str) -> None:
         if self.accelerator.log_with:
             config = {k: v for k, v in asdict(self.args).items() if isinstance(v, (int, float, str, bool))}
@@ -530,13 +539,7 @@ class MissrecTrainer(_AcceleratedLoop):
         return {"item_ids.json": json.dumps({"raw_item_ids": self.catalog.raw_item_ids}, ensure_ascii=False)}
 
     def train(self) -> dict:
-        args = self.args
-        if args.resume_from_checkpoint:
-            self.load_checkpoint(args.resume_from_checkpoint)
-        else:
-            self.state.settings = self.resume_settings()
-        state = self.state
-        self.start_trackers("missrec_finetune")
+        args, state = self.args, self.start("missrec_finetune")
         metric = args.metric_for_best_model
         self.log(
             "evaluation protocol: full ranking over %d items (padding excluded), ties count against the target, "
@@ -701,13 +704,7 @@ class MissrecPretrainer(_AcceleratedLoop):
         return {"zero_shot_valid_ndcg@10": result[0], "zero_shot_seconds": time.perf_counter() - started}
 
     def train(self) -> dict:
-        args = self.args
-        if args.resume_from_checkpoint:
-            self.load_checkpoint(args.resume_from_checkpoint)
-        else:
-            self.state.settings = self.resume_settings()
-        state = self.state
-        self.start_trackers("missrec_pretrain")
+        args, state = self.args, self.start("missrec_pretrain")
         self.log(
             "pre-training on %s; %d processes, global batch %d, negatives gathered from all processes",
             self.corpus.summary(),
