@@ -13,7 +13,6 @@ Item index i in the files is item id i + 1 in the model; id 0 is padding.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -580,11 +579,6 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
-
-
-def catalog_to_json(catalog: ItemCatalog) -> str:
-    """The raw id map saved beside a model (`item_ids.json`), so recommendations speak in raw ids."""
-    return json.dumps({"raw_item_ids": catalog.raw_item_ids}, ensure_ascii=False)
 
 
 # ------------------------------------------------------------------------------------------ pre-training

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,8 +34,17 @@ from .atomic import complete_interrupted_commit
 from .configuration_missrec import MissrecConfig
 from .distributed import gather_no_grad, gather_sizes, gather_with_grad, rank_and_world_size
 from .interests import interest_sets, kmeans, num_interests
+from .item_catalog import (
+    ITEM_IDS_FILE,
+    MissrecItemCatalog,
+    apply_missing_rule,
+    read_raw_item_ids,
+    rows_present,
+    write_raw_item_ids,
+)
 from .losses import augmented_view_loss, in_batch_contrastive_loss, sampled_softmax_loss
 from .ranking import ids_in_block, streaming_topk
+from .weight_transfer import FROZEN_IN_TRANSFER, load_matching_weights, transfer_config
 
 logger = logging.get_logger(__name__)
 
@@ -477,10 +487,10 @@ class MissrecPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MissrecHistoryPrior):
             init.copy_(module.weight, module.initial_weight(self.config))
             init.zeros_(module.item_log_count)
-        elif isinstance(module, MissrecForSequentialRecommendation):
-            for name in module.feature_buffer_names():
+        elif isinstance(module, MissrecItemCatalog):
+            for name in module.buffer_names():
                 init.zeros_(getattr(module, name))
-            init.zeros_(module.item_modality_present)
+            init.zeros_(module.modality_present)
 
 
 def _as_float_tensor(values: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
@@ -578,7 +588,7 @@ class MissrecModel(MissrecPreTrainedModel):
                 raise ValueError("MissrecModel.forward needs `item_features` or `item_tokens`; got neither.")
             item_tokens = self.adapt(item_features)
             if modality_mask is None:
-                modality_mask = torch.stack([item_features[m].ne(0).any(-1) for m in self.modalities])
+                modality_mask = rows_present(item_features, self.modalities)
         if modality_mask is None or not self.config.mask_missing_modalities:
             modality_mask = attention_mask.expand(len(self.modalities), *attention_mask.shape)
 
@@ -687,9 +697,7 @@ class MissrecModel(MissrecPreTrainedModel):
         was_training = self.training
         self.eval()
         tokens = self.catalog_tokens(item_features)[:, 1:].float()  # [M, N, H]
-        present = _as_float_tensor(modality_present, tokens.device)[:, 1:].bool()
-        if not self.config.mask_missing_modalities:
-            present = torch.ones_like(present)
+        present = apply_missing_rule(_as_float_tensor(modality_present, tokens.device)[:, 1:], self.config)
         pool = tokens[present]
         if pool.shape[0] == 0:
             raise ValueError("refresh_interests: no item has any modality present; nothing to cluster.")
@@ -821,6 +829,37 @@ class MissrecHistoryPrior(nn.Module):
         return scores
 
 
+def _catalog_renamed_state(folder) -> dict[str, torch.Tensor] | None:
+    """The weights of a local folder saved before the catalogue was its own module (its buffers were at the
+    top level: `text_features`, `item_modality_present`), renamed to today's keys; None for any other."""
+    path = Path(str(folder)) / "model.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as weights:
+        if "item_modality_present" not in weights.keys():
+            return None
+        state = {name: weights.get_tensor(name) for name in weights.keys()}
+    state["catalog.modality_present"] = state.pop("item_modality_present")
+    for name in [n for n in state if "." not in n and n.endswith("_features")]:
+        state[f"catalog.{name}"] = state.pop(name)
+    return state
+
+
+def _hub_raw_item_ids(repo_id: str, kwargs: Mapping) -> list[str] | None:
+    """`item_ids.json` of a Hub snapshot (offline: the local cache), or None when the repository has none."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    options = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if kwargs.get(k) is not None}
+    try:
+        path = hf_hub_download(repo_id, ITEM_IDS_FILE, **options)
+    except (EntryNotFoundError, LocalEntryNotFoundError, OSError):
+        return None
+    return read_raw_item_ids(Path(path).parent)
+
+
 def last_item_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`[B]` the last real item of each history (right- or left-padded)."""
     real = input_ids != 0 if attention_mask is None else attention_mask.bool()
@@ -841,9 +880,10 @@ def _in_history(input_ids: torch.Tensor, item_ids: torch.Tensor, id_bound: int) 
 class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
     """MISSRec for next-item recommendation over one domain's catalogue, trained with full-softmax CE.
 
-    The catalogue (frozen features `[num_items + 1, F_m]` per modality, row 0 padding, and the modality-present
-    mask) is a set of buffers, so a saved model carries everything it needs to recommend. Fill it with
-    [`load_item_features`], then call [`refresh_interests`] (the trainer does this before every epoch).
+    The catalogue ([`MissrecItemCatalog`], `model.catalog`: frozen features `[num_items + 1, F_m]` per
+    modality, row 0 padding, the modality-present mask and the raw item ids) is part of the model, so a saved
+    model carries everything it needs to recommend. Fill it with [`load_item_features`], then call
+    [`refresh_interests`] (the trainer does this before every epoch).
     """
 
     def __init__(self, config: MissrecConfig):
@@ -851,11 +891,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         self.missrec = MissrecModel(config)
         self.fusion = MissrecFusionHead(config)
         self.history_prior = MissrecHistoryPrior(config) if config.history_prior else None
-        for m in config.modalities:
-            self.register_buffer(f"{m}_features", torch.zeros(config.num_items + 1, config.feature_size(m)))
-        self.register_buffer(
-            "item_modality_present", torch.zeros(len(config.modalities), config.num_items + 1, dtype=torch.bool)
-        )
+        self.catalog = MissrecItemCatalog(config)
         # Input validation costs a host-device sync per step; the trainer turns it off for data it validated.
         self.check_inputs = True
         # Only the last position feeds the loss and the scores; False runs the reference (every position).
@@ -864,7 +900,8 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """As `PreTrainedModel.from_pretrained`, but a pre-training checkpoint is refused: its catalogue is the
+        """As `PreTrainedModel.from_pretrained`, with the raw item ids of `item_ids.json` (when the folder has
+        one) in `model.catalog.raw_item_ids`. A pre-training checkpoint is refused: its catalogue is the
         pre-training corpus, not a domain's. Build the domain model with `transfer.build_model` instead."""
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(
             pretrained_model_name_or_path
@@ -882,62 +919,99 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
                 "pre-training corpus). Transfer it to a domain with run_finetune.py --model_name_or_path, or "
                 "modeling_missrec.transfer.build_model(ModelArguments(model_name_or_path=...), catalog)."
             )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        renamed = (
+            None if kwargs.get("state_dict") is not None else _catalog_renamed_state(pretrained_model_name_or_path)
+        )
+        if renamed is not None:  # an older save: its weights, renamed, with its config
+            kwargs["config"] = config or MissrecConfig.from_pretrained(pretrained_model_name_or_path)
+            loaded = super().from_pretrained(None, *args, state_dict=renamed, **kwargs)
+        else:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir():
+            model.catalog.raw_item_ids = read_raw_item_ids(folder)
+        elif not os.path.isabs(str(pretrained_model_name_or_path)):  # a Hub id: the snapshot holds the map
+            model.catalog.raw_item_ids = _hub_raw_item_ids(pretrained_model_name_or_path, kwargs)
+        return loaded
+
+    @classmethod
+    def from_backbone(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        item_features: Mapping[str, torch.Tensor | np.ndarray],
+        modality_present: Mapping[str, torch.Tensor | np.ndarray] | None = None,
+        raw_item_ids: Sequence[str] | None = None,
+        *,
+        use_item_ids: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **config_overrides,
+    ) -> MissrecForSequentialRecommendation:
+        """A recommender for a new catalogue with the backbone of a saved MISSRec: a folder or a Hub id
+        (`revision`, `token`; offline, the local cache) holding a pre-training model, a recommender or a bare
+        backbone. `item_features` `{modality: [num_items, F_m]}` (row i = item id i + 1) and the optional
+        `modality_present` / `raw_item_ids` fill the catalogue; its modalities and widths set the config's.
+
+        What carries over and what is rebuilt: `weight_transfer`. Adaptors of another width and a new
+        modality's adaptor start fresh; the ID table (`use_item_ids=True`, transductive) is kept only when
+        the saved raw ids are `raw_item_ids`. `config_overrides` are other config fields (`interest_ratio`,
+        `history_prior`, dropouts, ...). Call `refresh_interests` (the trainer does) before training or
+        ranking; for the paper's frozen recipe, `freeze_backbone_for_transfer()` afterwards."""
+        from .hub import resolve_model_folder
+
+        folder = resolve_model_folder(pretrained_model_name_or_path, revision, token)
+        sizes = {m: tuple(np.shape(table)) for m, table in item_features.items()}
+        if not sizes or len({shape[0] for shape in sizes.values()}) != 1:
+            raise ValueError(f"from_backbone: item_features needs one [num_items, F] table per modality; got {sizes}")
+        settings = {
+            "num_items": next(iter(sizes.values()))[0],
+            "use_item_ids": use_item_ids,
+            "modalities": list(item_features),
+            **{f"{m}_feature_size": shape[1] for m, shape in sizes.items()},
+            **config_overrides,
+        }
+        model = cls(transfer_config(MissrecConfig.from_pretrained(folder), settings))
+        load_matching_weights(model, folder, raw_item_ids)
+        model.load_item_features(item_features, modality_present, raw_item_ids)
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """As `PreTrainedModel.save_pretrained`, with the catalogue's raw ids as `item_ids.json` when it has
+        them (so `push_to_hub`, which saves through here, ships them too)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.catalog.raw_item_ids is not None and (kwargs.get("is_main_process", True)):
+            write_raw_item_ids(save_directory, self.catalog.raw_item_ids)
 
     # ----------------------------------------------------------------------------------------- catalogue
-    def feature_buffer_names(self) -> list[str]:
-        return [f"{m}_features" for m in self.config.modalities]
-
     @property
     def item_features(self) -> dict[str, torch.Tensor]:
-        """`{modality: [num_items + 1, F_m]}` frozen features, row 0 = padding."""
-        return {m: getattr(self, f"{m}_features") for m in self.config.modalities}
+        """`{modality: [num_items + 1, F_m]}` frozen features, row 0 = padding (`self.catalog.features`)."""
+        return self.catalog.features
 
-    @torch.no_grad()
+    @property
+    def item_modality_present(self) -> torch.Tensor:
+        """`[M, num_items + 1]` True where an item has the modality (`self.catalog.modality_present`)."""
+        return self.catalog.modality_present
+
     def load_item_features(
         self,
         features: Mapping[str, torch.Tensor | np.ndarray],
         modality_present: Mapping[str, torch.Tensor | np.ndarray] | None = None,
+        raw_item_ids: Sequence[str] | None = None,
     ) -> None:
-        """Fill the catalogue. `features[m]` has one row per item, `[num_items, F_m]` (row i = item id i + 1).
-
-        A modality is missing for an item when its row is all zeros, unless `modality_present` says otherwise.
+        """Fill the catalogue (see [`MissrecItemCatalog.load`]). `features[m]` has one row per item,
+        `[num_items, F_m]` (row i = item id i + 1). A modality is missing for an item when its row is all
+        zeros, unless `modality_present` says otherwise. `raw_item_ids` (one per item) are saved with the model.
         """
-        n = self.config.num_items
-        for m in self.config.modalities:
-            if m not in features:
-                raise ValueError(f"load_item_features: no features for modality {m!r}; got {sorted(features)}.")
-            table = features[m] if torch.is_tensor(features[m]) else torch.from_numpy(np.array(features[m]))
-            expected = (n, self.config.feature_size(m))
-            if tuple(table.shape) != expected:
-                raise ValueError(
-                    f"load_item_features: features[{m!r}] has shape {tuple(table.shape)}, expected {expected} "
-                    f"(num_items x {m}_feature_size)."
-                )
-            if not torch.isfinite(table).all():
-                row = int((~torch.isfinite(table)).any(1).nonzero()[0, 0])
-                raise ValueError(f"load_item_features: features[{m!r}] row {row} holds NaN or inf.")
-            buffer = getattr(self, f"{m}_features")
-            buffer[0] = 0
-            buffer[1:] = table.to(buffer.device, buffer.dtype)
-        for index, m in enumerate(self.config.modalities):
-            if modality_present is not None and m in modality_present:
-                mask = torch.as_tensor(np.array(modality_present[m])).bool().reshape(-1)
-                if mask.shape[0] != n:
-                    raise ValueError(
-                        f"load_item_features: modality_present[{m!r}] has {mask.shape[0]} rows, expected {n}."
-                    )
-            else:
-                mask = getattr(self, f"{m}_features")[1:].ne(0).any(1)
-            self.item_modality_present[index, 0] = False
-            self.item_modality_present[index, 1:] = mask.to(self.item_modality_present.device)
+        self.catalog.load(features, modality_present, raw_item_ids)
 
     def freeze_backbone_for_transfer(self) -> int:
         """The paper's parameter-efficient transfer: freeze the position embedding, the encoder and the decoder;
         the adaptors, the input LayerNorm, the fusion factor and (transductive) the ID table stay trainable.
         Returns the number of trainable parameters."""
-        for module in (self.missrec.position_embeddings, self.missrec.encoder, self.missrec.decoder):
-            module.requires_grad_(False)
+        for name in FROZEN_IN_TRANSFER:
+            getattr(self.missrec, name).requires_grad_(False)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def train_only_history_prior(self) -> int:
@@ -957,11 +1031,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         return self.missrec.adapt(self.item_features)  # [M, N + 1, H]
 
     def _present(self) -> torch.Tensor:
-        if self.config.mask_missing_modalities:
-            return self.item_modality_present
-        present = torch.ones_like(self.item_modality_present)
-        present[:, 0] = False
-        return present
+        return self.catalog.present()
 
     def item_tokens(self, raw_tokens: torch.Tensor | None = None) -> ItemTokens:
         """Candidate representations of the whole catalogue (ids 0..num_items).
@@ -1082,7 +1152,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         counts = self._checked_counts(counts, "target frequencies")
         smoothed = counts + 1.0
         smoothed[0] = 0.0
-        probability = (smoothed / smoothed.sum()).float().to(self.item_modality_present.device)
+        probability = (smoothed / smoothed.sum()).float().to(self.catalog.modality_present.device)
         self.register_buffer("target_probability", probability, persistent=False)  # moves with the model
 
     def _checked_counts(self, counts: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
@@ -1270,11 +1340,7 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
         return self.missrec.refresh_interests(item_features, modality_present, seed=seed)
 
     def _modality_mask(self, features: Mapping[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-        if mask is None:
-            mask = torch.stack([features[m].ne(0).any(-1) for m in self.config.modalities])
-        if not self.config.mask_missing_modalities:
-            mask = torch.ones_like(mask)
-        return mask.bool()
+        return apply_missing_rule(rows_present(features, self.config.modalities) if mask is None else mask, self.config)
 
     def forward(
         self,

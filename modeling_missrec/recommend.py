@@ -25,14 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import write_atomically
 from .hub import resolve_model_folder
 from .interests import assign_to_centroids
+from .item_catalog import ITEM_IDS_FILE
 from .modeling_missrec import MissrecForSequentialRecommendation
 from .retrieval import BUILD_OPTIONS, LIST_KINDS, FusedScoreRetriever, catalog_fingerprint
 
 logger = logging.getLogger(__name__)
 
-ITEM_IDS_FILE = "item_ids.json"
 INDEX_DIR = "retrieval_index"
 INDEX_KINDS = ("exact", *LIST_KINDS)
 
@@ -65,14 +66,20 @@ class MissrecRecommender:
         self.model = model.eval()
         self.model.check_inputs = True
         self.block_size = block_size
-        self.raw_item_ids = list(raw_item_ids) if raw_item_ids is not None else None
-        if self.raw_item_ids is not None and len(self.raw_item_ids) != model.config.num_items:
-            raise ValueError(
-                f"raw_item_ids has {len(self.raw_item_ids)} entries, expected one per item ({model.config.num_items})"
-            )
+        if raw_item_ids is not None:  # else the ids the model was saved with, if any
+            if len(raw_item_ids) != model.config.num_items:
+                raise ValueError(
+                    f"raw_item_ids has {len(raw_item_ids)} entries, expected one per item ({model.config.num_items})"
+                )
+            self.model.catalog.raw_item_ids = list(raw_item_ids)
         self._index = {raw: i + 1 for i, raw in enumerate(self.raw_item_ids or [])}
         self.index_kind, self.index_options = index, index_options
         self.retriever = None if index == "exact" else self._build_retriever(index_dir)
+
+    @property
+    def raw_item_ids(self) -> list[str] | None:
+        """Raw id of each model item id (entry i is item id i + 1), kept in the model's catalogue."""
+        return self.model.catalog.raw_item_ids
 
     def _fingerprint(self, items) -> str:
         """The catalogue the saved lists were built for: the candidate tokens and, with a history prior, the
@@ -92,13 +99,11 @@ class MissrecRecommender:
         **kwargs,
     ) -> MissrecRecommender:
         """Load a saved recommender: a folder or a Hub id (`revision`, `token`; offline, from the local cache),
-        with its `item_ids.json` when present, and the lists of `index` saved beside it when they match the
+        with its raw item ids when it has them, and the lists of `index` saved beside it when they match the
         catalogue (otherwise they are rebuilt)."""
         path = resolve_model_folder(path, revision, token, argument="path")
         model = MissrecForSequentialRecommendation.from_pretrained(path, **kwargs)
-        ids_file = Path(path) / ITEM_IDS_FILE
-        raw = json.loads(ids_file.read_text())["raw_item_ids"] if ids_file.exists() else None
-        return cls(model, raw, index=index, index_dir=Path(path) / INDEX_DIR, **(index_options or {}))
+        return cls(model, index=index, index_dir=Path(path) / INDEX_DIR, **(index_options or {}))
 
     def _build_retriever(self, index_dir: str | os.PathLike | None) -> FusedScoreRetriever:
         with torch.no_grad():
@@ -209,27 +214,8 @@ class MissrecRecommender:
             )
         if config.item_fusion == "dynamic_instance":
             raise ValueError("add_items: item_fusion='dynamic_instance' has no fusion factor for new items")
-        sizes = {m: len(features[m]) for m in config.modalities if m in features}
-        if set(sizes) != set(config.modalities) or len(set(sizes.values())) != 1:
-            raise ValueError(f"add_items needs one [n, F] table per modality {config.modalities}; got sizes {sizes}")
-        count = next(iter(sizes.values()))
-        if raw_item_ids is not None and len(raw_item_ids) != count:
-            raise ValueError(f"raw_item_ids has {len(raw_item_ids)} entries for {count} new items")
-        if (raw_item_ids is None) != (self.raw_item_ids is None):
-            raise ValueError("give raw_item_ids exactly when the recommender has a raw id map")
-        device = model.device
-        new = {}
-        for m in config.modalities:
-            table = torch.as_tensor(np.asarray(features[m]), dtype=torch.float32, device=device)
-            if table.shape != (count, config.feature_size(m)) or not torch.isfinite(table).all():
-                raise ValueError(
-                    f"add_items: features[{m!r}] must be finite with shape {(count, config.feature_size(m))}, "
-                    f"got {tuple(table.shape)}"
-                )
-            new[m] = table
-        present = torch.stack([new[m].ne(0).any(1) for m in config.modalities])
-        if not config.mask_missing_modalities:
-            present = torch.ones_like(present)
+        new, present = model.catalog.append(features, raw_item_ids)
+        count, device = present.shape[1], present.device
         tokenizer = model.missrec.interest_tokenizer
         new_interests = torch.zeros(len(config.modalities), count, dtype=torch.long, device=device)
         if config.num_interests > 0:
@@ -238,22 +224,14 @@ class MissrecRecommender:
             for index in range(len(config.modalities)):
                 nearest = assign_to_centroids(tokens[index], tokenizer.centroids[1:].float()) + 1
                 new_interests[index] = torch.where(present[index], nearest, torch.zeros_like(nearest))
-        for m in config.modalities:
-            buffer = getattr(model, f"{m}_features")
-            setattr(model, f"{m}_features", torch.cat([buffer, new[m].to(buffer.dtype)]))
-        model.item_modality_present = torch.cat([model.item_modality_present, present], dim=1)
         tokenizer.item_interest_ids = torch.cat([tokenizer.item_interest_ids, new_interests], dim=1)
         if model.history_prior is not None:  # a new item has never been a training target
             counts = model.history_prior.item_log_count
             model.history_prior.item_log_count = torch.cat([counts, counts.new_zeros(count)])
         first = config.num_items + 1
         config.num_items += count
-        if self.raw_item_ids is not None:
-            for offset, raw in enumerate(raw_item_ids):
-                if raw in self._index:
-                    raise ValueError(f"add_items: raw id {raw!r} is already in the catalogue")
-                self._index[raw] = first + offset
-            self.raw_item_ids.extend(raw_item_ids)
+        for offset, raw in enumerate(raw_item_ids or []):
+            self._index[raw] = first + offset
         if self.retriever is not None:
             self.retriever.add_items(model.item_tokens(), first, model.item_features)
         return list(range(first, first + count))
@@ -261,9 +239,7 @@ class MissrecRecommender:
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
         """The model and its raw id map, loadable with `from_pretrained`; with a list index, the lists too
         (`retrieval_index/`, reused by `from_pretrained(path, index=<the same kind>)`)."""
-        self.model.save_pretrained(path, **kwargs)
-        if self.raw_item_ids is not None:
-            (Path(path) / ITEM_IDS_FILE).write_text(json.dumps({"raw_item_ids": self.raw_item_ids}))
+        self.model.save_pretrained(path, **kwargs)  # with the raw ids (`item_ids.json`)
         if self.retriever is not None:
             build = {k: v for k, v in self.index_options.items() if k in BUILD_OPTIONS}
             self.retriever.save(Path(path) / INDEX_DIR, self._fingerprint(self.retriever.items), build)
@@ -337,10 +313,7 @@ def push_to_hub(
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
     config = json.loads((folder / "config.json").read_text())
     mode = mode or ("transductive" if config.get("use_item_ids") else "inductive")
-    card = folder / "README.md"
-    temporary = card.with_name(".README.md.tmp")
-    temporary.write_text(model_card(metrics, dataset, mode, repo_id))
-    os.replace(temporary, card)
+    write_atomically(folder / "README.md", model_card(metrics, dataset, mode, repo_id))
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     ignore = ["checkpoint/*", "best_model/*", ".*", "*.tmp", "training_state.pt", "runs/*", "missrec_finetune/*"]

@@ -474,6 +474,8 @@ class MissrecTrainer(_AcceleratedLoop):
         self.model_card = None  # metrics -> the README.md committed with the final model (run_finetune sets it)
         base = model.get_base_model() if _is_peft(model) else model
         base.check_inputs = False  # the loader validated every row; avoid a host sync per step
+        if base.catalog.raw_item_ids is None:  # saved with the model, so that it recommends in raw ids
+            base.catalog.raw_item_ids = list(catalog.raw_item_ids)
         world = self.accelerator.num_processes
         max_len = model.config.max_seq_length
         self.train_loader = build_loader(
@@ -535,9 +537,6 @@ class MissrecTrainer(_AcceleratedLoop):
             description=description,
         )
 
-    def _item_ids_file(self) -> dict[str, str]:
-        return {"item_ids.json": json.dumps({"raw_item_ids": self.catalog.raw_item_ids}, ensure_ascii=False)}
-
     def train(self) -> dict:
         args, state = self.args, self.start("missrec_finetune")
         metric = args.metric_for_best_model
@@ -577,7 +576,7 @@ class MissrecTrainer(_AcceleratedLoop):
             if valid[metric] >= state.best_metric:
                 state.best_metric, state.best_epoch = valid[metric], epoch
                 state.epochs_without_improvement = 0
-                self.save_model(self.output_dir / BEST_DIR, self._item_ids_file())
+                self.save_model(self.output_dir / BEST_DIR)
             else:
                 state.epochs_without_improvement += 1
             state.epoch = epoch + 1
@@ -625,7 +624,6 @@ class MissrecTrainer(_AcceleratedLoop):
             self.log("history prior weights: %s", ", ".join(f"{k} {v:+.3f}" for k, v in weights().items()))
         # The metrics and the model card describe these weights: they are committed with them, as one set.
         extra = {
-            **self._item_ids_file(),
             "metrics.json": json.dumps(metrics, indent=2, default=float),
             "results.md": results_table(metrics, self.args.eval_ks),
         }
