@@ -55,7 +55,12 @@ ORIGINAL_BATCHES = {"group_by_length": False}
 ORIGINAL_MISSING = {"mask_missing_modalities": False}
 ORIGINAL_KMEANS = {"kmeans_init": "random", "kmeans_max_iterations": 1, "kmeans_warm_start": False}
 CONFIGS: dict[str, dict] = {
-    "default": {"about": "the shipped defaults", "model": {}, "training": {}},
+    "default": {"about": "the shipped defaults (with the learned history prior)", "model": {}, "training": {}},
+    "no_prior": {
+        "about": "no history prior: the paper's scoring (the defaults until 2026-12-02)",
+        "model": {"history_prior": False},
+        "training": {},
+    },
     "reg_original": {
         "about": "the original's interest regulariser (pooling incl. padded slots)",
         "model": ORIGINAL_REGULARISER,
@@ -79,11 +84,6 @@ CONFIGS: dict[str, dict] = {
     "kmeans_original": {
         "about": "one random-init Lloyd step per refresh, no warm start",
         "model": ORIGINAL_KMEANS,
-        "training": {},
-    },
-    "history_prior": {
-        "about": "the learned history prior: last-item feature cosine, in-history, log target count",
-        "model": {"history_prior": True},
         "training": {},
     },
     "all_original": {
@@ -220,19 +220,42 @@ def run_finetune_quality(
         "trainable_params": payload.get("trainable_parameters"),
         "num_interests": payload.get("num_interests"),
         "wall_seconds": time.perf_counter() - started,
+        "defaults_have_prior": True,  # see `as_today`
         **{k: v for k, v in run_header().items() if k in ("commit", "date")},
         "command": " ".join(command[1:]),
     }
 
 
-def load_runs(path: Path) -> list[dict]:
+def as_today(run: dict) -> dict:
+    """A run recorded by code whose defaults had no history prior (before 2026-12-02; no `defaults_have_prior`),
+    named as today's configurations name it: its `default` is `no_prior`, another configuration X without the
+    prior is `no_prior+X`, and `history_prior` (the prior on top of those defaults) is today's `default`. The
+    settings are unchanged, only the names: `model_overrides` says `history_prior` explicitly."""
+    if run.get("defaults_have_prior"):
+        return run
+    overrides = dict(run.get("model_overrides") or {})
+    if overrides.get("history_prior"):
+        name = "default" if run["config"] == "history_prior" else run["config"]
+    else:
+        overrides["history_prior"] = False
+        name = "no_prior" if run["config"] == "default" else f"no_prior+{run['config']}"
+    return {**run, "config": name, "model_overrides": overrides, "defaults_have_prior": True}
+
+
+def recorded_runs(path: Path) -> list[dict]:
+    """The runs as recorded (the file is appended to, never rewritten in another form: a grid of an older
+    checkout may be appending to it too)."""
     if not path.exists():
         return []
     try:
-        runs = json.loads(path.read_text(encoding="utf-8"))["runs"]
+        return json.loads(path.read_text(encoding="utf-8"))["runs"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         sys.exit(f"error: {path} is not a quality_runs file ({error}); move it away to start afresh.")
-    return runs
+
+
+def load_runs(path: Path) -> list[dict]:
+    """The recorded runs, named as today's configurations (`as_today`)."""
+    return [as_today(run) for run in recorded_runs(path)]
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -277,9 +300,11 @@ def summarise(runs: list[dict], baseline: str) -> list[dict]:
         record["best_epochs"] = [by_seed[s]["best_epoch"] for s in seeds]
         record["seconds_per_epoch"] = statistics.fmean(by_seed[s]["seconds_per_epoch"] for s in seeds)
         record["train_samples_per_s"] = statistics.fmean(by_seed[s]["train_samples_per_s"] for s in seeds)
-        base = groups.get((dataset, mode, baseline))
-        if base is not None and config != baseline:
-            record["paired_vs"] = baseline
+        # "no_prior+X" is X on the earlier defaults: its difference is against those.
+        against = config.split("+")[0] if "+" in config else baseline
+        base = groups.get((dataset, mode, against))
+        if base is not None and config != against:
+            record["paired_vs"] = against
             record["paired"] = {
                 f"{split}_ndcg@10": paired(by_seed, base, split, "ndcg@10") for split in ("valid", "test")
             }
@@ -380,8 +405,9 @@ def main(argv=None) -> None:
     for index, (mode, seed, config) in enumerate(todo, 1):
         print(f"[{index}/{len(todo)}] {args.dataset} / {mode} / {config} / seed {seed} ...", flush=True)
         run = run_one(args, data_root, mode, config, seed)
-        runs = [*load_runs(runs_path), run]  # re-read: another invocation may have added runs meanwhile
-        write_json_atomically(runs_path, {"runs": runs})
+        recorded = [*recorded_runs(runs_path), run]  # re-read: another invocation may have added runs meanwhile
+        write_json_atomically(runs_path, {"runs": recorded})
+        runs = [as_today(r) for r in recorded]
         write_summary(args, runs)
         print(
             f"    valid NDCG@10 {run['valid']['ndcg@10']:.4f}  test NDCG@10 {run['test']['ndcg@10']:.4f}  "

@@ -104,6 +104,33 @@ def backbone_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:10]
 
 
+# The first shipped backbone (before its calibration) had no history prior; runs from it inherited none.
+BACKBONES_WITHOUT_PRIOR = ("46edab62f5",)
+
+
+def as_today(run: dict) -> dict:
+    """A run with the history prior it actually had written as today's harness names it, so that runs of one
+    setting group together: runs recorded by code whose defaults had no prior (no `defaults_have_prior`) from
+    scratch, and runs from a backbone without one, had none (`history_prior=false`); `history_prior=true`
+    is today's default (from scratch, and the shipped backbone's own setting), so it is no override."""
+    if run["method"] == "popularity":
+        return run
+    overrides = dict(run.get("model_overrides") or {})
+    without = run.get("backbone") in BACKBONES_WITHOUT_PRIOR
+    if "history_prior" not in overrides and (
+        without or (run["method"] == "scratch" and not run.get("defaults_have_prior"))
+    ):
+        overrides["history_prior"] = False
+    elif overrides.get("history_prior") is True and not without:
+        del overrides["history_prior"]
+    return {**run, "model_overrides": overrides, "defaults_have_prior": True}
+
+
+def recorded_runs(path: Path) -> list[dict]:
+    """The runs as recorded (appended to, never rewritten: a grid of an older checkout may append too)."""
+    return json.loads(path.read_text(encoding="utf-8"))["runs"] if path.exists() else []
+
+
 def run_group(run: dict) -> tuple:
     """Runs that are seeds of one configuration: scratch and popularity have no backbone."""
     backbone = "" if run["method"] in ("scratch", "popularity") else run.get("backbone", "")
@@ -223,7 +250,7 @@ def render(records: list[dict], header: dict, pretrained: str) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     runs_path = args.output_dir / "transfer_runs.json"
-    runs = json.loads(runs_path.read_text(encoding="utf-8"))["runs"] if runs_path.exists() else []
+    runs = [as_today(r) for r in recorded_runs(runs_path)]
     if not args.summarise:
         data_root = resolve_data_root(args.data_root)
         backbone = backbone_fingerprint(args.pretrained) if (args.pretrained / "config.json").exists() else ""
@@ -236,7 +263,7 @@ def main(argv=None) -> None:
         def key(mode, seed, method):
             run = {"dataset": args.dataset, "mode": mode, "regime": args.regime, "method": method,
                    "backbone": backbone, "model_overrides": overrides if method != "popularity" else {}}  # fmt: skip
-            return (*run_group(run), seed, args.max_steps_per_epoch)
+            return (*run_group(as_today({**run, "defaults_have_prior": True})), seed, args.max_steps_per_epoch)
 
         todo = [g for g in grid if key(*g) not in done]
         print(f"{len(grid)} runs in the grid, {len(grid) - len(todo)} already done, {len(todo)} to run", flush=True)
@@ -251,8 +278,9 @@ def main(argv=None) -> None:
                 name = f"{name}-{tag}" if tag else name
                 run = run_finetune_quality(args, data_root, mode, seed, name, overrides, training, flags)
             run.update(method=method, regime=args.regime, pretrained=str(args.pretrained), backbone=backbone)
-            runs = [*(json.loads(runs_path.read_text())["runs"] if runs_path.exists() else []), run]
-            write_json_atomically(runs_path, {"runs": runs})
+            recorded = [*recorded_runs(runs_path), run]
+            write_json_atomically(runs_path, {"runs": recorded})
+            runs = [as_today(r) for r in recorded]
             write_summary(args, runs)
             print(f"    test NDCG@10 {run['test']['ndcg@10']:.4f}  HR@10 {run['test']['hr@10']:.4f}", flush=True)
     write_summary(args, runs)

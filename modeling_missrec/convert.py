@@ -492,21 +492,14 @@ def convert_interactions(
     `text_fields` picks (and orders) the metadata fields joined into an item's text, from
     `title`, `categories`, `brand`, `description`. `on_duplicate_metadata` is `"error"` (a second metadata row
     for an item is an error naming both rows) or `"first"` (keep the first row, count the others).
-    Returns the statistics, which are also written to `dataset_name.stats.json`."""
+    Returns the statistics, which are also written to `dataset_name.stats.json`.
+
+    The phases, each a function below: read the metadata (one row per item), read the log and keep the
+    interactions of items with metadata, the k-core, drop users too short to split, order the log, build the
+    rows, the surviving items' texts and images, write."""
     columns = columns or ColumnNames()
     interactions_path, metadata_path, output_dir = Path(interactions_path), Path(metadata_path), Path(output_dir)
-    if k_core < 1:
-        raise ConversionError(f"k_core must be at least 1, got {k_core}")
-    if max_seq_length < 1:
-        raise ConversionError(f"max_seq_length must be at least 1, got {max_seq_length}")
-    if not dataset_name or any(c in dataset_name for c in "/\\\t\n") or dataset_name.startswith("."):
-        raise ConversionError(f"dataset_name {dataset_name!r}: expected a plain file-name prefix such as 'Scientific'")
-    if on_duplicate_metadata not in ("error", "first"):
-        raise ConversionError(f"on_duplicate_metadata must be 'error' or 'first', got {on_duplicate_metadata!r}")
-    unknown = [f for f in text_fields if f not in TEXT_FIELDS]
-    if unknown or not text_fields:
-        raise ConversionError(f"text_fields {list(text_fields)}: expected a non-empty subset of {list(TEXT_FIELDS)}")
-
+    _check_settings(k_core, max_seq_length, dataset_name, on_duplicate_metadata, text_fields)
     stats = ConversionStats(dataset_name=dataset_name)
     stats.settings = {
         "interactions_path": str(interactions_path),
@@ -519,8 +512,38 @@ def convert_interactions(
         "drop_duplicate_interactions": drop_duplicate_interactions,
         "columns": asdict(columns),
     }
+    metadata, meta_ids, field_columns = _read_metadata(
+        metadata_path, columns, text_fields, metadata_format, on_duplicate_metadata, stats
+    )
+    log = _read_log(interactions_path, columns, interactions_format, drop_duplicate_interactions, stats)
+    meta_position = pd.Index(meta_ids)
+    keep = _keep_items_with_metadata(log, meta_position, interactions_path, metadata_path, columns, stats)
+    index = _kcore_and_splittable(log, np.nonzero(keep)[0], k_core, interactions_path, stats)
+    index, user_order, item_order, user_raw, item_raw = _ordered(log, index)
+    train, valid, test = _rows_and_lengths(index, user_order, item_order, item_raw, log, max_seq_length,
+                                           interactions_path, stats)  # fmt: skip
+    kept_meta = metadata.iloc[meta_position.get_indexer(item_raw)].reset_index(drop=True)
+    texts, images = _texts_and_images(kept_meta, field_columns, text_fields, columns, max_text_length, stats)
+    _write(output_dir, dataset_name, train, valid, test, user_raw, item_raw, texts, images, stats)
+    return stats
 
-    # --- metadata: one row per item
+
+def _check_settings(k_core, max_seq_length, dataset_name, on_duplicate_metadata, text_fields) -> None:
+    if k_core < 1:
+        raise ConversionError(f"k_core must be at least 1, got {k_core}")
+    if max_seq_length < 1:
+        raise ConversionError(f"max_seq_length must be at least 1, got {max_seq_length}")
+    if not dataset_name or any(c in dataset_name for c in "/\\\t\n") or dataset_name.startswith("."):
+        raise ConversionError(f"dataset_name {dataset_name!r}: expected a plain file-name prefix such as 'Scientific'")
+    if on_duplicate_metadata not in ("error", "first"):
+        raise ConversionError(f"on_duplicate_metadata must be 'error' or 'first', got {on_duplicate_metadata!r}")
+    unknown = [f for f in text_fields if f not in TEXT_FIELDS]
+    if unknown or not text_fields:
+        raise ConversionError(f"text_fields {list(text_fields)}: expected a non-empty subset of {list(TEXT_FIELDS)}")
+
+
+def _read_metadata(metadata_path, columns, text_fields, metadata_format, on_duplicate_metadata, stats):
+    """The metadata table with one row per item, its normalised item ids and the columns of the text fields."""
     meta_required = {columns.metadata_item_column: "metadata_item", columns.title: "title"}
     meta_optional: dict[str, str] = {}
     field_columns: dict[str, str] = {"title": columns.title}
@@ -556,9 +579,23 @@ def convert_interactions(
         metadata, meta_ids = metadata[~duplicated].reset_index(drop=True), meta_ids[~duplicated]
     if len(metadata) == 0:
         raise ConversionError(f"{metadata_path}: no metadata rows")
-    meta_position = pd.Index(meta_ids)
+    return metadata, meta_ids, field_columns
 
-    # --- interactions
+
+@dataclass
+class _Log:
+    """The interaction log as codes: users and items by first appearance in the file, timestamps, and which
+    rows are still kept."""
+
+    user_codes: np.ndarray
+    user_names: pd.Index
+    item_codes: np.ndarray
+    item_names: pd.Index
+    times: np.ndarray
+    keep: np.ndarray
+
+
+def _read_log(interactions_path, columns, interactions_format, drop_duplicate_interactions, stats) -> _Log:
     log, rows = read_table(
         interactions_path,
         {columns.user: "user", columns.item: "item", columns.time: "time"},
@@ -574,7 +611,6 @@ def convert_interactions(
     user_codes, user_names = pd.factorize(users)  # codes in order of first appearance in the file
     item_codes, item_names = pd.factorize(items)
     keep = np.ones(len(users), dtype=bool)
-
     triples = pd.DataFrame({"u": user_codes, "i": item_codes, "t": times})
     repeats = triples.duplicated(keep="first").to_numpy()
     stats.duplicate_interactions = int(repeats.sum())
@@ -582,14 +618,17 @@ def convert_interactions(
         keep &= ~repeats
         stats.duplicate_interactions_dropped = stats.duplicate_interactions
         logger.info("dropped %d exact duplicate interactions", stats.duplicate_interactions)
-    del triples
+    return _Log(user_codes, user_names, item_codes, item_names, times, keep)
 
-    has_metadata = meta_position.get_indexer(item_names) >= 0  # per distinct item
+
+def _keep_items_with_metadata(log: _Log, meta_position, interactions_path, metadata_path, columns, stats):
+    keep, item_codes = log.keep, log.item_codes
+    has_metadata = meta_position.get_indexer(log.item_names) >= 0  # per distinct item
     without = keep & ~has_metadata[item_codes]
     stats.interactions_without_metadata = int(without.sum())
     stats.items_without_metadata = len(np.unique(item_codes[without]))
     before = f"{int(keep.sum())} interactions of {len(np.unique(item_codes[keep]))} items"
-    keep &= has_metadata[item_codes]
+    keep = keep & has_metadata[item_codes]
     if stats.interactions_without_metadata:
         logger.warning(
             "%s: dropped %d interactions of %d items that have no row in %s",
@@ -601,13 +640,16 @@ def convert_interactions(
     if not keep.any():
         raise ConversionError(
             f"{interactions_path}: no interaction is left after keeping items with metadata (before: {before}; "
-            f"{len(meta_ids)} items in {metadata_path}); do the item ids of the two files match "
+            f"{len(meta_position)} items in {metadata_path}); do the item ids of the two files match "
             f"(columns {columns.item!r} and {columns.metadata_item_column!r})?"
         )
-    stats.metadata_items_never_interacted = int(len(meta_ids) - has_metadata[np.unique(item_codes[keep])].sum())
+    stats.metadata_items_never_interacted = int(len(meta_position) - has_metadata[np.unique(item_codes[keep])].sum())
+    return keep
 
-    # --- k-core on what is left
-    index = np.nonzero(keep)[0]
+
+def _kcore_and_splittable(log: _Log, index: np.ndarray, k_core: int, interactions_path, stats) -> np.ndarray:
+    """Rows (positions in the log) left after the k-core and after users too short to split."""
+    user_codes, item_codes = log.user_codes, log.item_codes
     sub_users, sub_items = user_codes[index], item_codes[index]
     before = f"{len(index)} interactions, {len(np.unique(sub_users))} users, {len(np.unique(sub_items))} items"
     core = _kcore(sub_users, sub_items, k_core, stats)
@@ -625,9 +667,8 @@ def convert_interactions(
             f"{interactions_path}: k-core filtering with k={k_core} removed every interaction (before it: {before}); "
             "use a smaller --k_core or more data"
         )
-
-    # --- users that cannot be split (only possible with k < 3)
-    counts = np.bincount(user_codes[index], minlength=len(user_names))
+    # Users that cannot be split (only possible with k < 3).
+    counts = np.bincount(user_codes[index], minlength=len(log.user_names))
     short = counts[user_codes[index]] < MIN_INTERACTIONS_TO_SPLIT
     if short.any():
         stats.short_users_skipped = int(((counts > 0) & (counts < MIN_INTERACTIONS_TO_SPLIT)).sum())
@@ -648,17 +689,22 @@ def convert_interactions(
                 f"{interactions_path}: every user left after k-core filtering (k={k_core}; {before}) has fewer than "
                 f"{MIN_INTERACTIONS_TO_SPLIT} interactions, so none can be split into train/valid/test"
             )
+    return index
 
-    # --- order: users by first appearance in the filtered log, then time, then file position (stable)
-    user_order, kept_user_codes = pd.factorize(user_codes[index])
-    order = np.lexsort((index, times[index], user_order))
+
+def _ordered(log: _Log, index: np.ndarray):
+    """Users by first appearance in the filtered log, then time, then file position (stable); new user and
+    item numbers (first appearance in that order) and their raw ids."""
+    user_order, kept_user_codes = pd.factorize(log.user_codes[index])
+    order = np.lexsort((index, log.times[index], user_order))
     index = index[order]
     user_order = user_order[order]
-    item_order, kept_item_codes = pd.factorize(item_codes[index])  # first appearance in the sorted scan
-    user_raw = user_names[kept_user_codes]
-    item_raw = item_names[kept_item_codes]
+    item_order, kept_item_codes = pd.factorize(log.item_codes[index])  # first appearance in the sorted scan
+    return index, user_order, item_order, log.user_names[kept_user_codes], log.item_names[kept_item_codes]
 
-    # --- rows
+
+def _rows_and_lengths(index, user_order, item_order, item_raw, log: _Log, max_seq_length, interactions_path, stats):
+    """The train, valid and test lines (leave-one-out per user) and the size statistics."""
     boundaries = np.flatnonzero(np.diff(user_order)) + 1
     starts = np.concatenate([[0], boundaries])
     ends = np.concatenate([boundaries, [len(index)]])
@@ -684,6 +730,7 @@ def convert_interactions(
     stats.train_rows, stats.valid_rows, stats.test_rows = len(train), len(valid), len(test)
     # Over distinct (user, item) pairs: repeated purchases are kept as interactions, and counting them would
     # make a small, repetitive log "denser than full" (a negative sparsity).
+    user_codes, item_codes = log.user_codes, log.item_codes
     pairs = len(np.unique(user_codes[index].astype(np.int64) * (int(item_codes.max()) + 1) + item_codes[index]))
     stats.sparsity = 1.0 - pairs / (stats.users * stats.items)
     stats.sequence_length = _summary(sequence_lengths)
@@ -692,10 +739,11 @@ def convert_interactions(
         "valid": _summary(np.minimum(sequence_lengths - 2, max_seq_length)),
         "test": _summary(np.minimum(sequence_lengths - 1, max_seq_length)),
     }
+    return train, valid, test
 
-    # --- item texts and images, for the surviving items only
-    position = meta_position.get_indexer(item_raw)
-    kept_meta = metadata.iloc[position].reset_index(drop=True)
+
+def _texts_and_images(kept_meta, field_columns, text_fields, columns, max_text_length, stats):
+    """Each surviving item's text (its fields joined) and image path (None without an image column)."""
     text_columns = [field_columns[f] for f in text_fields if f in field_columns and field_columns[f] in kept_meta]
     texts: list[str] = []
     for values in zip(*(kept_meta[c].tolist() for c in text_columns)):
@@ -710,8 +758,11 @@ def convert_interactions(
         images = [_image_path(v) for v in kept_meta[columns.image].tolist()]
         stats.images_written = sum(bool(p) for p in images)
         stats.items_without_image = len(images) - stats.images_written
+    return texts, images
 
-    # --- write
+
+def _write(output_dir, dataset_name, train, valid, test, user_raw, item_raw, texts, images, stats) -> None:
+    """Every atomic file, each written whole (temporary file + rename), the statistics last."""
     output_dir.mkdir(parents=True, exist_ok=True)
     prefix = output_dir / dataset_name
     header = "\t".join(INTER_HEADER) + "\n"
@@ -737,7 +788,6 @@ def convert_interactions(
     logger.info(
         "wrote %s.* (%d users, %d items, %d interactions)", prefix, stats.users, stats.items, stats.interactions
     )
-    return stats
 
 
 def _image_path(value: object) -> str:

@@ -300,7 +300,9 @@ class ModelArguments:
         metadata={
             "help": "Add the learned history prior to every score: the cosine of the candidate's features with the "
             "last history item's, whether it is in the history, log(1 + its training count). Not in the "
-            "original. Default: the pre-trained model's setting (the shipped one has it, calibrated), else off."
+            "original; the default here since it measured better (test NDCG@10, 3 seeds, README: scientific_mm "
+            "0.0820 -> 0.1075 transductive, 0.0738 -> 0.1048 inductive). Default: the pre-trained model's setting "
+            "(the shipped one has it, calibrated), else on; false gives the paper's scoring."
         },
     )
     config_overrides: str | None = field(

@@ -21,7 +21,7 @@ def build_model(model_args: ModelArguments, catalog: ItemCatalog) -> MissrecForS
     (`MissrecForSequentialRecommendation.from_backbone`); then the fine-tuning method's frozen parts."""
     settings = {
         "interest_ratio": model_args.interest_ratio,
-        **({} if model_args.history_prior is None else {"history_prior": model_args.history_prior}),
+        **_history_prior_setting(model_args),
         **parse_overrides(model_args.config_overrides),
     }
     use_item_ids = model_args.mode == "transductive"
@@ -54,6 +54,14 @@ def build_model(model_args: ModelArguments, catalog: ItemCatalog) -> MissrecForS
     elif model_args.finetune_method == "lora":
         model = wrap_with_lora(model, model_args)
     return model
+
+
+def _history_prior_setting(model_args: ModelArguments) -> dict:
+    """The prior is on unless asked off (it measured better; `ModelArguments.history_prior`); a pre-trained
+    model brings its own setting and weights unless the flag says otherwise."""
+    if model_args.history_prior is not None:
+        return {"history_prior": model_args.history_prior}
+    return {} if model_args.model_name_or_path is not None else {"history_prior": True}
 
 
 def zero_shot_recommender(

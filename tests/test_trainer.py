@@ -42,12 +42,12 @@ def write_planted_dataset(folder, num_items=40, num_users=160, seed=0):
     return folder
 
 
-def make_trainer(folder, output_dir, mode="transductive", **training):
+def make_trainer(folder, output_dir, mode="transductive", history_prior=None, **training):
     data_args = DataArguments(data_dir=str(folder), text_features="Toy.text.npy", image_features="Toy.image.npy")
     dataset = load_atomic_dataset(folder, cache_dir=folder / "cache")
     catalog = load_item_catalog(folder, feature_files=data_args.feature_files())
     torch.manual_seed(0)
-    model = build_model(ModelArguments(mode=mode, config_overrides=TINY), catalog)
+    model = build_model(ModelArguments(mode=mode, history_prior=history_prior, config_overrides=TINY), catalog)
     settings = dict(
         output_dir=str(output_dir),
         train_batch_size=64,
