@@ -85,7 +85,7 @@ def load_model(data_root: Path, dataset: str, mode: str, args):
 
 
 def time_case(model, splits, catalog, last_position_only: bool, min_fill: float, args, output_dir: str) -> dict:
-    model.last_position_only = last_position_only
+    model.config.last_position_only = last_position_only
     training = TrainingArguments(
         output_dir=output_dir,
         eval_batch_size=args.eval_batch_size,

@@ -141,7 +141,6 @@ def build_model(args, device: torch.device) -> tuple[MissrecForSequentialRecomme
     features = {m: torch.randn(args.num_items, config.feature_size(m), generator=generator) for m in config.modalities}
     model.load_item_features(features)
     model.to(device)
-    model.check_inputs = False  # as MissrecTrainer: no host sync per step for input validation
     started = time.perf_counter()
     k = model.refresh_interests(seed=args.seed)
     synchronize(device)
@@ -206,7 +205,8 @@ def time_training(model, batches, args, device: torch.device) -> dict:
         labels = batch["labels"].to(device)
         synchronize(device)
         started = time.perf_counter()
-        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        # check_inputs=False as MissrecTrainer: no host sync per step for input validation
+        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, check_inputs=False)
         output.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -92,6 +92,9 @@ class MissrecConfig(PreTrainedConfig):
             (3 seeds) 0.0856 ± 0.0011 against 0.0623 (1 seed). Cost at 4,385 items: a training step 1.06x, an
             evaluation pass 1.17x (`bench/history_prior_cost.py`). Off here, so that a bare config is the
             paper's model; `run_finetune.py` (`ModelArguments.history_prior`) turns it on by default.
+        last_position_only (`bool`, True): the last decoder layer computes only each history's last position,
+            all the heads use (the same values up to float rounding; tested); False computes every position, as
+            the original did (the reference).
         history_prior_init (`dict`, None): the prior's starting weights in score units, by term
             (`"<modality>_cosine"`, `"in_history"`, `"log_count"`; absent terms start at 0): what a pre-trained
             model calibrated on its own domains hands to a new one (zero-shot uses them as they are).
@@ -147,6 +150,7 @@ class MissrecConfig(PreTrainedConfig):
     temperature: float = 0.07
     history_prior: bool = False
     history_prior_init: dict | None = None
+    last_position_only: bool = True
     seq_seq_loss_weight: float = 1e-3
     item_drop_ratio: float = 0.2
     item_drop_prob: float = 0.9

@@ -570,8 +570,7 @@ class MissrecModel(MissrecPreTrainedModel):
         last_position_only: the last decoder layer computes only each history's last real position (all the
             heads need: the user representation); `last_hidden_state` is then `[B, 1, H]`. The same values as
             the full computation up to float rounding (tested); the original computed every position and kept
-            the last. The heads pass their attribute `last_position_only` (True; on a peft model set it on
-            `get_base_model()`).
+            the last. The heads pass `config.last_position_only` (True; False runs the reference).
         output_attentions / output_hidden_states: also return every encoder and decoder layer's attention
             weights (computed by the eager function) / input states (default: the config's).
         """
@@ -892,10 +891,6 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         self.fusion = MissrecFusionHead(config)
         self.history_prior = MissrecHistoryPrior(config) if config.history_prior else None
         self.catalog = MissrecItemCatalog(config)
-        # Input validation costs a host-device sync per step; the trainer turns it off for data it validated.
-        self.check_inputs = True
-        # Only the last position feeds the loss and the scores; False runs the reference (every position).
-        self.last_position_only = True
         self.post_init()
 
     @classmethod
@@ -1083,10 +1078,13 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         raw_tokens: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        check_inputs: bool = True,
     ) -> MissrecModelOutput:
         """Backbone output for histories `input_ids` `[B, L]`, item tokens looked up in the catalogue; its
-        `last_hidden_state` is `[B, 1, H]` (the last position) unless `self.last_position_only` is False."""
-        if self.check_inputs:
+        `last_hidden_state` is `[B, 1, H]` (the last position) unless `config.last_position_only` is False.
+        `check_inputs=False` skips the validation of `input_ids` (a host-device sync), for data already
+        checked, as the trainer's loaders are."""
+        if check_inputs:
             self._check_input_ids(input_ids, attention_mask)
         raw = self._catalog_raw_tokens() if raw_tokens is None else raw_tokens
         return self.missrec(
@@ -1094,7 +1092,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
             item_tokens=raw[:, input_ids],
             modality_mask=self._present()[:, input_ids],
             attention_mask=attention_mask,
-            last_position_only=self.last_position_only,
+            last_position_only=self.config.last_position_only,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -1108,19 +1106,26 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        check_inputs: bool = True,
+        regularizer_scale: float | None = None,
     ) -> MissrecSequentialRecommendationOutput | tuple:
         """Logits over the whole catalogue for histories `input_ids`; with `labels` `[B]` (target item ids) the
         loss. As the original, the full softmax runs over all items; fix: the padding column is excluded.
         `output_attentions` / `output_hidden_states`: the backbone's layer weights / states (see
-        `MissrecModelOutput`; not with the sampled softmax's training step)."""
+        `MissrecModelOutput`; not with the sampled softmax's training step). `check_inputs=False` skips the
+        validation of ids and labels (for checked data); `regularizer_scale`: see `_regularizer_scale`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if labels is not None and self.check_inputs:
+        if labels is not None and check_inputs:
             if int(labels.min()) < 1 or int(labels.max()) > self.config.num_items:
                 raise ValueError(f"labels must be item ids in 1..{self.config.num_items}.")
         if labels is not None and self.training and self.config.loss_type == "sampled":
-            return self._sampled_softmax_forward(input_ids, attention_mask, labels, return_dict)
+            return self._sampled_softmax_forward(
+                input_ids, attention_mask, labels, return_dict, check_inputs, regularizer_scale
+            )
         raw = self._catalog_raw_tokens()
-        backbone = self.encode(input_ids, attention_mask, raw, output_attentions, output_hidden_states)
+        backbone = self.encode(
+            input_ids, attention_mask, raw, output_attentions, output_hidden_states, check_inputs=check_inputs
+        )
         scores = self.fusion(backbone.sequence_embedding, self.item_tokens(raw))
         if self.history_prior is not None:
             ids = range(self.config.num_items + 1)
@@ -1130,7 +1135,8 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits, labels)
-            loss = loss + self.config.interest_reg_weight * _regularizer_scale(self) * backbone.interest_regularization
+            scale = _regularizer_scale(self.config, regularizer_scale)
+            loss = loss + self.config.interest_reg_weight * scale * backbone.interest_regularization
         output = MissrecSequentialRecommendationOutput(
             loss=loss,
             logits=logits,
@@ -1191,7 +1197,7 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
             )
         return probability
 
-    def _sampled_softmax_forward(self, input_ids, attention_mask, labels, return_dict):
+    def _sampled_softmax_forward(self, input_ids, attention_mask, labels, return_dict, check_inputs, regularizer_scale):
         """Cross-entropy over the batch's targets and `num_negatives` shared sampled items instead of the whole
         catalogue. Only the items the step needs are adapted; each candidate's logit is corrected by the log
         of its expected count among the candidates (logQ: in-batch targets by popularity, negatives by the
@@ -1205,14 +1211,14 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         features = {m: table[needed] for m, table in self.item_features.items()}
         raw = self.missrec.adapt(features)  # [M, U, H]: the step's items only
         present = self._present()[:, needed]
-        if self.check_inputs:
+        if check_inputs:
             self._check_input_ids(input_ids, attention_mask)
         backbone = self.missrec(
             input_ids,
             item_tokens=raw[:, history_columns],
             modality_mask=present[:, history_columns],
             attention_mask=attention_mask,
-            last_position_only=self.last_position_only,
+            last_position_only=config.last_position_only,
         )
         embeddings = self.missrec.item_embeddings
         ids = None if embeddings is None else embeddings(candidates)
@@ -1225,7 +1231,8 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         drawn = negative_probability[candidates] if torch.is_tensor(negative_probability) else negative_probability
         expected = len(labels) * self._target_probability_or_raise()[candidates] + len(negatives) * drawn
         loss, logits = sampled_softmax_loss(logits, candidates, labels, expected)
-        loss = loss + config.interest_reg_weight * _regularizer_scale(self) * backbone.interest_regularization
+        scale = _regularizer_scale(config, regularizer_scale)
+        loss = loss + config.interest_reg_weight * scale * backbone.interest_regularization
         if not return_dict:
             return (loss, logits, backbone.sequence_embedding, backbone.interest_regularization)
         return MissrecSequentialRecommendationOutput(
@@ -1298,14 +1305,14 @@ class MissrecPreTrainingOutput(ModelOutput):
     sequence_embedding: torch.FloatTensor | None = None
 
 
-def _regularizer_scale(model: nn.Module) -> float:
+def _regularizer_scale(config: MissrecConfig, scale: float | None) -> float:
     """Factor that keeps a batch-*summed* regulariser equal to one process on the whole optimiser batch:
     process groups average gradients over processes and Accelerate divides the loss by the accumulation
-    steps, which would shrink gamma by both. The trainer sets `summed_loss_scale`; by default it is the
-    number of processes. A mean-reduced regulariser needs no factor."""
-    if model.config.interest_reg_reduction != "sum":
+    steps, which would shrink gamma by both. The trainer passes `regularizer_scale` (processes x
+    accumulation steps) to `forward`; by default it is the number of processes. A mean-reduced regulariser
+    needs no factor."""
+    if config.interest_reg_reduction != "sum":
         return 1.0
-    scale = getattr(model, "summed_loss_scale", None)
     return float(scale) if scale is not None else float(rank_and_world_size()[1])
 
 
@@ -1329,8 +1336,6 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
             )
         self.missrec = MissrecModel(config)
         self.fusion = MissrecFusionHead(config)
-        # Only the last position feeds the losses; False runs the reference (every position).
-        self.last_position_only = True
         self.post_init()
 
     def refresh_interests(
@@ -1356,9 +1361,11 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
         augmented_attention_mask: torch.Tensor | None = None,
         augmented_modality_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        regularizer_scale: float | None = None,
     ) -> MissrecPreTrainingOutput | tuple:
         """Histories `input_ids` `[B, L]` with their features `{m: [B, L, F_m]}`, next items `target_features`
-        `{m: [B, F_m]}` (and their global ids for duplicate masking), optionally an augmented view."""
+        `{m: [B, F_m]}` (and their global ids for duplicate masking), optionally an augmented view.
+        `regularizer_scale`: see `_regularizer_scale`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         rank, world = rank_and_world_size()
         config = self.config
@@ -1367,7 +1374,7 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
             item_features=item_features,
             modality_mask=self._modality_mask(item_features, modality_mask),
             attention_mask=attention_mask,
-            last_position_only=self.last_position_only,
+            last_position_only=config.last_position_only,
         )
         sequence = backbone.sequence_embedding
         batch = sequence.shape[0]
@@ -1393,7 +1400,7 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
                 item_features=augmented_item_features,
                 modality_mask=self._modality_mask(augmented_item_features, augmented_modality_mask),
                 attention_mask=augmented_attention_mask,
-                last_position_only=self.last_position_only,
+                last_position_only=config.last_position_only,
             )
             all_augmented = gather_with_grad(augmented.sequence_embedding, sizes)
             sequence_sequence_loss = augmented_view_loss(sequence, all_augmented, labels, config.temperature)
@@ -1405,7 +1412,7 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
         if sequence_sequence_loss is not None:
             sequence_sequence_loss = sequence_sequence_loss * share
         # A batch-summed regulariser must count the global batch, as one process on the whole batch would.
-        scale = _regularizer_scale(self) if config.interest_reg_reduction == "sum" else share
+        scale = _regularizer_scale(config, regularizer_scale) if config.interest_reg_reduction == "sum" else share
         loss = sequence_item_loss + config.interest_reg_weight * scale * regularization
         if sequence_sequence_loss is not None:
             loss = loss + config.seq_seq_loss_weight * sequence_sequence_loss

@@ -64,7 +64,6 @@ class MissrecRecommender:
         if index not in INDEX_KINDS:
             raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
         self.model = model.eval()
-        self.model.check_inputs = True
         self.block_size = block_size
         if raw_item_ids is not None:  # else the ids the model was saved with, if any
             if len(raw_item_ids) != model.config.num_items:

@@ -283,9 +283,8 @@ class _AcceleratedLoop:
         optimizer = torch.optim.AdamW if getattr(args, "optimizer", "adam") == "adamw" else torch.optim.Adam
         self.optimizer = optimizer(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
         self.scheduler = None  # a subclass with a schedule builds it once it knows the epoch length
-        base = model.get_base_model() if _is_peft(model) else model
         # A batch-summed regulariser counts the whole optimiser batch (all processes, all micro-batches).
-        base.summed_loss_scale = world * args.gradient_accumulation_steps
+        self.regularizer_scale = world * args.gradient_accumulation_steps
 
     def resume_settings(self) -> dict:
         """What a resume of this run must not change: the result-changing arguments, the model's config and
@@ -473,7 +472,6 @@ class MissrecTrainer(_AcceleratedLoop):
         self.catalog = catalog
         self.model_card = None  # metrics -> the README.md committed with the final model (run_finetune sets it)
         base = model.get_base_model() if _is_peft(model) else model
-        base.check_inputs = False  # the loader validated every row; avoid a host sync per step
         if base.catalog.raw_item_ids is None:  # saved with the model, so that it recommends in raw ids
             base.catalog.raw_item_ids = list(catalog.raw_item_ids)
         world = self.accelerator.num_processes
@@ -506,7 +504,14 @@ class MissrecTrainer(_AcceleratedLoop):
             self.scheduler = self._build_scheduler()
 
     def compute_loss(self, model, batch) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        # The loader validated every row: no host sync per step for checking them again.
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            check_inputs=False,
+            regularizer_scale=self.regularizer_scale,
+        ).loss
 
     def _build_scheduler(self):
         """The schedule over `num_train_epochs` optimiser steps of this process's loader, stepped by hand after
@@ -535,6 +540,7 @@ class MissrecTrainer(_AcceleratedLoop):
             self.args.eval_block_size,
             show_progress=self.accelerator.is_main_process and not self.args.disable_tqdm,
             description=description,
+            check_inputs=False,  # the loaders validated every row
         )
 
     def train(self) -> dict:
@@ -676,7 +682,7 @@ class MissrecPretrainer(_AcceleratedLoop):
         self.train_loader.collate_fn = collator
 
     def compute_loss(self, model, batch) -> torch.Tensor:
-        return model(**batch).loss
+        return model(**batch, regularizer_scale=self.regularizer_scale).loss
 
     def zero_shot_validation(self, epoch: int) -> dict:
         """NDCG@10 of each held-out domain's valid users, ranked zero-shot with the current backbone (main

@@ -401,8 +401,7 @@ def test_summed_regulariser_counts_the_whole_optimiser_batch():
     model = tiny_model().eval()
     labels = torch.tensor([4, 8, 15, 16])
     base = model(histories(), labels=labels)
-    model.summed_loss_scale = 4  # e.g. two processes x two accumulation steps
-    scaled = model(histories(), labels=labels)
+    scaled = model(histories(), labels=labels, regularizer_scale=4)  # e.g. two processes x two accumulation steps
     expected = base.loss + 3 * model.config.interest_reg_weight * base.interest_regularization
     torch.testing.assert_close(scaled.loss, expected)
 
@@ -439,10 +438,10 @@ def test_last_position_decoding_gives_the_reference_loss_scores_and_gradients(
     for row, length in enumerate(lengths):
         input_ids[row, :length] = torch.randint(1, NUM_ITEMS + 1, (length,), generator=generator)
     labels = torch.randint(1, NUM_ITEMS + 1, (len(lengths),), generator=generator)
-    assert model.last_position_only  # the default
+    assert model.config.last_position_only  # the default
     widths = record_last_layer_widths(model.missrec.decoder)
     fast = _loss_logits_and_gradients(model, input_ids, labels)
-    model.last_position_only = False
+    model.config.last_position_only = False
     reference = _loss_logits_and_gradients(model, input_ids, labels)
     assert widths == [1, max(lengths)]  # the fast path computed one row per history, the reference all
     torch.testing.assert_close(fast[0], reference[0])
@@ -549,7 +548,7 @@ def test_eager_and_sdpa_attention_give_the_same_logits(tmp_path):
 
 def test_output_attentions_and_hidden_states_return_what_they_say():
     model = tiny_model().eval()
-    model.last_position_only = False  # every position, so that the decoder's weights cover the whole history
+    model.config.last_position_only = False  # every position, so that the decoder's weights cover the whole history
     input_ids = histories()
     with torch.no_grad():
         plain = model(input_ids)
@@ -595,3 +594,16 @@ def test_left_padded_histories_and_unknown_keywords_are_refused():
         model(torch.tensor([[3, 7, 9], [0, 2, 3]]))
     with pytest.raises(TypeError, match="labelz"):
         model(histories(), labelz=torch.tensor([1, 2, 3, 4]))
+
+
+def test_behaviour_is_asked_for_in_the_call_not_set_on_the_model():
+    model = tiny_model().eval()
+    bad = torch.tensor([[3, NUM_ITEMS + 5]])
+    with pytest.raises(ValueError, match="item id"):
+        model(bad)
+    with pytest.raises(ValueError, match="labels must be item ids"):
+        model(histories(), labels=torch.tensor([0, 1, 2, 3]))
+    checked = model(histories(), labels=torch.tensor([4, 8, 15, 16]))
+    unchecked = model(histories(), labels=torch.tensor([4, 8, 15, 16]), check_inputs=False)
+    torch.testing.assert_close(checked.loss, unchecked.loss, rtol=0, atol=0)
+    assert not any(hasattr(model, name) for name in ("check_inputs", "last_position_only", "summed_loss_scale"))

@@ -140,7 +140,7 @@ def test_pretraining_losses_and_gradients_match_the_every_position_reference():
     widths = record_last_layer_widths(model.missrec.decoder)
     results = []
     for last_position_only in (True, False):
-        model.last_position_only = last_position_only
+        model.config.last_position_only = last_position_only
         model.zero_grad()
         output = model(**batch)
         output.loss.backward()
