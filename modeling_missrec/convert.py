@@ -804,6 +804,8 @@ def _image_path(value: object) -> str:
 
 # ------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI's flags, one `add_argument` each with its help text (long because the flags are many, not
+    because it decides anything)."""
     parser = argparse.ArgumentParser(
         prog="python -m modeling_missrec.convert",
         description=(

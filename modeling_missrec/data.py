@@ -473,6 +473,9 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     Each epoch: a seeded permutation is cut into mega-batches of `batch_size x group_factor` rows, each sorted
     by length and cut into batches, and the batches are shuffled. `group_factor=1` is plain random batching.
     `set_epoch` makes the order a function of (seed, epoch), so a resumed run sees the same batches.
+    With `groups` (an int label per row, e.g. its pre-training domain) every full batch holds one group's
+    rows: the permutation, pools and batches are made within each group, and the rows that fill no whole
+    batch of their group are pooled and batched together (at most one mixed batch per group).
 
     Without shuffling (evaluation) the rows come longest first in batches of `batch_size`; with `min_fill` > 0 a
     batch also ends before the first history shorter than `min_fill` x its longest, so at least that fraction
@@ -490,11 +493,15 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         group_factor: int = 50,
         drop_last: bool = False,
         min_fill: float = 0.0,
+        groups: np.ndarray | None = None,
     ):
         if not 0.0 <= min_fill <= 1.0:
             raise ValueError(f"min_fill must be in [0, 1]; got {min_fill}.")
         if min_fill and (shuffle or drop_last):
             raise ValueError("min_fill applies to evaluation batches only (shuffle=False, drop_last=False).")
+        if groups is not None and (not shuffle or len(groups) != len(lengths)):
+            raise ValueError(f"groups applies to training batches, one label per row ({len(lengths)}).")
+        self.groups = None if groups is None else np.asarray(groups)
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -524,6 +531,13 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _pooled_batches(self, order: np.ndarray) -> list[np.ndarray]:
+        """`order` cut into pools of `group_factor` batches, each pool sorted by length, cut into batches."""
+        mega = self.batch_size * self.group_factor
+        pools = [order[i : i + mega] for i in range(0, len(order), mega)]
+        order = np.concatenate([p[np.argsort(-self.lengths[p], kind="stable")] for p in pools]) if pools else order
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
     def __len__(self) -> int:
         if self._evaluation_batches is not None:
             return len(self._evaluation_batches)
@@ -539,10 +553,16 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
             return
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(n)
-        mega = self.batch_size * self.group_factor
-        groups = [order[i : i + mega] for i in range(0, n, mega)]
-        order = np.concatenate([g[np.argsort(-self.lengths[g], kind="stable")] for g in groups])
-        batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        if self.groups is None:
+            batches = self._pooled_batches(order)
+        else:
+            batches, leftovers = [], []
+            for group in np.unique(self.groups):
+                rows = order[self.groups[order] == group]  # this group's rows, still in random order
+                whole = len(rows) - len(rows) % self.batch_size
+                batches += self._pooled_batches(rows[:whole])
+                leftovers.append(rows[whole:])
+            batches += self._pooled_batches(np.concatenate(leftovers))
         partial = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
         # Full batches in random order, the short one last: Accelerate shards batches round by round across
         # processes and drops a round whose last batch is short, so a short batch in the middle loses data.
@@ -631,6 +651,10 @@ class PretrainingCorpus:
 
     def feature_size(self, modality: str) -> int:
         return self.features[modality].width
+
+    def row_domains(self) -> np.ndarray:
+        """`[rows]` int: the domain (index into `domain_names`) of every train row, from its target's id."""
+        return np.searchsorted(self.item_offsets, self.train["target"], side="left") - 1
 
     def modality_present(self) -> np.ndarray:
         """`[M, N + 1]` bool, modality order as `features`."""

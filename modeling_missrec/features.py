@@ -1,9 +1,10 @@
 """Frozen per-item feature tables for MISSRec: text and image embeddings, one row per item in `.item2index` order.
 
 Text rows come from the CLIP text tower (projected embeddings, not normalised, as in the MISSRec feature files)
-or from a sentence-transformers folder (a Transformer module, masked pooling, L2-normalised when the folder says
-so, e.g. all-MiniLM-L6-v2). Image rows come from the CLIP vision tower (projected embeddings); an item whose
-image is missing or unreadable gets an all-zero row (a "missing modality"), counted and logged.
+or from a sentence-transformers folder, run by `sentence-transformers` itself (the `features` extra), e.g.
+all-MiniLM-L6-v2: its own pooling, and L2-normalised when its modules.json lists a Normalize module. Image rows
+come from the CLIP vision tower (projected embeddings); an item whose image is missing or unreadable gets an
+all-zero row (a "missing modality"), counted and logged.
 
 Models load only from a local folder (no download). Large catalogues are extracted chunk by chunk into
 `<output>.partial/`, so that a rerun after a kill skips the finished chunks; the table is then assembled and
@@ -46,8 +47,6 @@ CLIP_MODEL_TYPES = ("clip", "clip_text_model", "clip_vision_model")
 SENTENCE_TRANSFORMERS_MARKERS = ("modules.json", "sentence_bert_config.json")
 DEFAULT_SENTENCE_MAX_LENGTH = 256
 LOGGED_PROBLEMS = 5
-# sentence-transformers pooling modes this module implements, in the order their outputs are concatenated.
-POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -103,7 +102,7 @@ def _drop_load_report(record: logging.LogRecord) -> bool:
     return "LOAD REPORT" not in record.getMessage()
 
 
-def _from_pretrained(model_class, folder: Path, config=None, ignore_missing: tuple[str, ...] = ()):
+def _from_pretrained(model_class, folder: Path, config=None):
     """Load float32 weights from a local folder; refuse a model whose weights were partly left at random
     (missing or of another shape). Keys of other parts (the vision tower when loading the text tower of a
     CLIPModel checkpoint) are expected, so transformers' load report is silenced and checked here instead."""
@@ -116,7 +115,7 @@ def _from_pretrained(model_class, folder: Path, config=None, ignore_missing: tup
         )
     finally:
         report_logger.removeFilter(_drop_load_report)
-    missing = sorted(key for key in info.get("missing_keys", ()) if not key.startswith(ignore_missing))
+    missing = sorted(info.get("missing_keys", ()))
     mismatched = sorted(
         str(entry[0]) if isinstance(entry, tuple) else str(entry) for entry in info.get("mismatched_keys", ())
     )
@@ -169,68 +168,26 @@ def _progress_bar(total: int, desc: str, show: bool) -> tqdm:
 
 
 # --------------------------------------------------------------------------------------------- text
-@dataclass
-class _SentencePipeline:
-    transformer_dir: Path
-    pooling_modes: tuple[str, ...]
-    normalize: bool
-    max_length: int
-    lower_case: bool
-
-
-def _sentence_pipeline(folder: Path) -> _SentencePipeline:
-    """Read a sentence-transformers folder: where the Transformer is, its pooling, normalisation and length."""
-    transformer_dir, pooling_dir, normalize = folder, folder / "1_Pooling", True
-    modules_path = folder / "modules.json"
-    if modules_path.is_file():
-        modules = _read_json(modules_path)
-        types = [str(module.get("type", "")).rsplit(".", 1)[-1] for module in modules]
-        unsupported = [t for t in types if t not in ("Transformer", "Pooling", "Normalize")]
-        if unsupported or "Transformer" not in types:
-            raise ValueError(
-                f"{modules_path}: modules {types}; only Transformer -> Pooling (-> Normalize) pipelines are supported"
-            )
-        paths = {t: module.get("path", "") for t, module in zip(types, modules)}
-        transformer_dir = folder / paths["Transformer"]
-        pooling_dir = folder / paths["Pooling"] if "Pooling" in paths else None
-        normalize = "Normalize" in types
-    pooling_modes = ("mean_tokens",)
-    if pooling_dir is not None and (pooling_dir / "config.json").is_file():
-        pooling = _read_json(pooling_dir / "config.json")
-        pooling_modes = tuple(mode for mode in POOLING_MODES if pooling.get(f"pooling_mode_{mode}"))
-        other = [
-            key
-            for key, value in pooling.items()
-            if key.startswith("pooling_mode_") and value and key[len("pooling_mode_") :] not in POOLING_MODES
-        ]
-        if other or not pooling_modes:
-            raise ValueError(f"{pooling_dir / 'config.json'}: pooling {other or 'none'} is not supported")
-    max_length, lower_case = DEFAULT_SENTENCE_MAX_LENGTH, False
-    for candidate in (transformer_dir, folder):
-        bert_config = candidate / "sentence_bert_config.json"
-        if bert_config.is_file():
-            settings = _read_json(bert_config)
-            max_length = int(settings.get("max_seq_length") or max_length)
-            lower_case = bool(settings.get("do_lower_case", False))
-            break
-    return _SentencePipeline(transformer_dir, pooling_modes, normalize, max_length, lower_case)
-
-
-def _pool(hidden: torch.Tensor, mask: torch.Tensor, modes: Sequence[str]) -> torch.Tensor:
-    """Masked pooling of `[B, L, H]` token states; several modes are concatenated in POOLING_MODES order."""
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    lengths = weights.sum(dim=1).clamp(min=1e-9)
-    pooled = []
-    for mode in modes:
-        if mode == "cls_token":
-            pooled.append(hidden[:, 0])
-        elif mode == "max_tokens":
-            pooled.append(hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).max(dim=1).values)
-        elif mode == "mean_tokens":
-            pooled.append((hidden * weights).sum(dim=1) / lengths)
-        else:  # mean_sqrt_len_tokens
-            pooled.append((hidden * weights).sum(dim=1) / lengths.sqrt())
-    return torch.cat(pooled, dim=-1)
+def _sentence_transformer(folder: Path, device: torch.device, normalize: bool | None):
+    """The folder's sentence-transformers pipeline, run by `sentence_transformers` itself (the `features`
+    extra). `normalize=False` drops a Normalize module; True adds one where the folder has none."""
+    try:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Normalize
+    except ImportError as error:
+        raise ImportError(
+            f"{folder} is a sentence-transformers folder: pip install 'missrec[features]' (sentence-transformers)"
+        ) from error
+    model = SentenceTransformer(str(folder), device=str(device), local_files_only=True)
+    modules = list(model)
+    has_normalize = any(isinstance(module, Normalize) for module in modules)
+    if normalize is False and has_normalize:
+        modules = [module for module in modules if not isinstance(module, Normalize)]
+    elif normalize and not has_normalize:
+        modules.append(Normalize())
+    if len(modules) != len(model):
+        model = SentenceTransformer(modules=modules, device=str(device))
+    return model
 
 
 class TextEncoder:
@@ -245,41 +202,36 @@ class TextEncoder:
         normalize: bool | None = None,
         max_length: int | None = None,
     ):
-        from transformers import AutoModel, AutoTokenizer, CLIPTextModelWithProjection
-
         if kind not in TEXT_KINDS:
             raise ValueError(f"kind must be one of {TEXT_KINDS}, got {kind!r}")
         folder = _model_dir(model_path)
         self.kind = detect_text_model_kind(folder) if kind == "auto" else kind
         self.device = resolve_device(device)
+        self.dim: int | None = None
         if self.kind == "clip":
-            config = _model_config(folder)
-            if not _is_clip_config(config):
-                raise ValueError(f"{folder}: kind='clip' but config.json has model_type {config.get('model_type')!r}")
-            # The text tower and its projection only: the same weights and outputs as CLIPModel.get_text_features.
-            self.model = _from_pretrained(CLIPTextModelWithProjection, folder, _clip_tower_config(folder, "text"))
-            text_config = self.model.config
-            tokenizer_dir, self.pooling_modes, default_normalize = folder, (), False
-            limit, self.lower_case, self.strip = text_config.max_position_embeddings, False, False
-            # Since transformers PR #24773 CLIP pools at the first end-of-text token; eos id 2 marks the legacy
-            # (argmax) checkpoints. Either way the tokenizer must end every row with that token.
-            self.clip_eos_id = None if text_config.eos_token_id == 2 else text_config.eos_token_id
+            self._load_clip(folder, normalize, max_length)
         else:
-            pipeline = _sentence_pipeline(folder)
-            _model_config(pipeline.transformer_dir)
-            self.model = _from_pretrained(AutoModel, pipeline.transformer_dir, ignore_missing=("pooler.",))
-            tokenizer_dir, self.pooling_modes = pipeline.transformer_dir, pipeline.pooling_modes
-            default_normalize, self.lower_case, self.strip = pipeline.normalize, pipeline.lower_case, True
-            limit = max_length or pipeline.max_length
-            positions = getattr(self.model.config, "max_position_embeddings", None)
-            limit = min(limit, positions) if positions else limit
-            self.clip_eos_id = None
+            self._load_sentence_transformer(folder, normalize, max_length)
+
+    def _load_clip(self, folder: Path, normalize: bool | None, max_length: int | None) -> None:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        config = _model_config(folder)
+        if not _is_clip_config(config):
+            raise ValueError(f"{folder}: kind='clip' but config.json has model_type {config.get('model_type')!r}")
+        # The text tower and its projection only: the same weights and outputs as CLIPModel.get_text_features.
+        self.model = _from_pretrained(CLIPTextModelWithProjection, folder, _clip_tower_config(folder, "text"))
+        text_config = self.model.config
+        limit = text_config.max_position_embeddings
         self.max_length = min(max_length, limit) if max_length else limit
-        self.normalize = default_normalize if normalize is None else bool(normalize)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.normalize = bool(normalize)  # the MISSRec feature files hold unnormalised CLIP rows
+        # Since transformers PR #24773 CLIP pools at the first end-of-text token; eos id 2 marks the legacy
+        # (argmax) checkpoints. Either way the tokenizer must end every row with that token.
+        self.clip_eos_id = None if text_config.eos_token_id == 2 else text_config.eos_token_id
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
-                raise ValueError(f"{tokenizer_dir}: the tokenizer has neither a padding nor an end-of-text token")
+                raise ValueError(f"{folder}: the tokenizer has neither a padding nor an end-of-text token")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.clip_eos_id is not None and self.tokenizer.eos_token_id not in (None, self.clip_eos_id):
             raise ValueError(
@@ -287,25 +239,25 @@ class TextEncoder:
                 f"eos_token_id {self.clip_eos_id}; CLIP pools the text at that token"
             )
         self.model.to(self.device)
-        self.dim: int | None = None
+
+    def _load_sentence_transformer(self, folder: Path, normalize: bool | None, max_length: int | None) -> None:
+        self.model = _sentence_transformer(folder, self.device, normalize)
+        limit = max_length or self.model.max_seq_length or DEFAULT_SENTENCE_MAX_LENGTH
+        positions = getattr(self.model[0].auto_model.config, "max_position_embeddings", None)
+        self.model.max_seq_length = self.max_length = min(limit, positions) if positions else limit
 
     @torch.inference_mode()
     def _encode_batch(self, texts: list[str]) -> torch.Tensor:
-        if self.lower_case:
-            texts = [text.lower() for text in texts]
-        if self.strip:
-            texts = [text.strip() for text in texts]
+        if self.kind != "clip":
+            rows = self.model.encode(texts, batch_size=len(texts), convert_to_tensor=True, show_progress_bar=False)
+            return rows.float().cpu()
         encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         if self.clip_eos_id is not None and not (encoded["input_ids"] == self.clip_eos_id).any(dim=1).all():
             raise ValueError(
                 f"the tokenizer left out the end-of-text token (id {self.clip_eos_id}) in some rows; CLIP pools there"
             )
         arguments = _forward_arguments(self.model, encoded, self.device)
-        if self.kind == "clip":
-            features = _embedding(self.model(**arguments), "text_embeds", "pooler_output")
-        else:
-            hidden = _embedding(self.model(**arguments), "last_hidden_state")
-            features = _pool(hidden, arguments["attention_mask"], self.pooling_modes)
+        features = _embedding(self.model(**arguments), "text_embeds", "pooler_output")
         if self.normalize:
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.float().cpu()
@@ -346,8 +298,9 @@ def extract_text_features(
     """Float32 `[len(texts), dim]` text features from a local CLIP or sentence-transformers folder.
 
     CLIP: the projected text embeddings (`CLIPModel.get_text_features`), not normalised unless `normalize`.
-    sentence-transformers: pooled last hidden states (masked mean for all-MiniLM-L6-v2), L2-normalised when the
-    folder's modules.json lists a Normalize module (or has no modules.json), truncated to `max_seq_length`.
+    sentence-transformers: `SentenceTransformer.encode` of the folder's own pipeline (masked mean pooling for
+    all-MiniLM-L6-v2), L2-normalised when its modules.json lists a Normalize module unless `normalize` says
+    otherwise, truncated to `max_length` or else the folder's `max_seq_length`.
     """
     encoder = TextEncoder(model_path, kind=kind, device=device, normalize=normalize, max_length=max_length)
     with _progress_bar(len(texts), f"text features ({encoder.kind})", show_progress) as bar:
@@ -601,54 +554,79 @@ def extract_to_file(
     else:
         settings.update(normalize=bool(normalize), image_backend=image_backend)
         batch_size = batch_size or 32
-    meta = _fingerprint(modality, inputs, settings)
+    _prepare_partial(partial, _fingerprint(modality, inputs, settings))
+    starts = list(range(0, len(inputs), chunk_rows))
+    chunk_paths = [partial / f"chunk-{number:05d}.npy" for number in range(len(starts))]
+
+    def make_encoder() -> TextEncoder | ImageEncoder:
+        if modality == "text":
+            return TextEncoder(folder, kind=kind, device=device, normalize=normalize, max_length=max_length)
+        return ImageEncoder(folder, device=device, normalize=bool(normalize), image_backend=image_backend)
+
+    def encode(encoder, chunk_inputs: list, bar: tqdm) -> np.ndarray:
+        if modality == "text":
+            return encoder.encode(chunk_inputs, batch_size=batch_size, progress=bar)
+        return encoder.encode(chunk_inputs, batch_size=batch_size, num_workers=num_workers, progress=bar)[0]
+
+    with _progress_bar(len(inputs), f"{modality} features", show_progress) as bar:
+        computed, reused = _compute_chunks(inputs, starts, chunk_paths, chunk_rows, make_encoder, encode, bar)
+    if reused:
+        logger.info("%s: reused %d finished chunk(s), computed %d", partial, reused, computed)
+    chunks = [_load_chunk(path, min(chunk_rows, len(inputs) - start)) for start, path in zip(starts, chunk_paths)]
+    dim, missing = _assemble_table(chunks, partial, output_path, raw_output_path)
+    del chunks
+    if not keep_partial:
+        shutil.rmtree(partial, ignore_errors=True)
+    if missing:
+        logger.warning("%s: %d of %d rows are all zero (missing %s)", output_path, missing, len(inputs), modality)
+    return ExtractionResult(
+        output_path, raw_output_path, len(inputs), dim, missing, computed, reused, time.perf_counter() - began
+    )
+
+
+def _prepare_partial(partial: Path, meta: dict) -> None:
+    """Keep `partial`'s chunks only if they were computed from the same inputs and settings (`meta.json`)."""
     meta_path = partial / "meta.json"
     if partial.is_dir() and (not meta_path.is_file() or _read_json(meta_path) != meta):
         logger.warning("%s holds chunks of other inputs or settings; discarding them", partial)
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     if not meta_path.is_file():
-        with open(meta_path, "w", encoding="utf-8") as handle:
-            json.dump(meta, handle, indent=1)
+        write_atomically(meta_path, json.dumps(meta, indent=1))
 
-    starts = list(range(0, len(inputs), chunk_rows))
-    chunk_paths = [partial / f"chunk-{number:05d}.npy" for number in range(len(starts))]
-    encoder: TextEncoder | ImageEncoder | None = None
+
+def _compute_chunks(inputs, starts, chunk_paths, chunk_rows, make_encoder, encode, bar: tqdm) -> tuple[int, int]:
+    """Encode and save every chunk not already saved; the model loads only if one is missing."""
+    encoder = None
     computed = reused = 0
-    with _progress_bar(len(inputs), f"{modality} features", show_progress) as bar:
-        for start, chunk_path in zip(starts, chunk_paths):
-            rows = min(chunk_rows, len(inputs) - start)
-            if _load_chunk(chunk_path, rows) is not None:
-                reused += 1
-                bar.update(rows)
-                continue
-            if encoder is None:
-                if modality == "text":
-                    encoder = TextEncoder(folder, kind=kind, device=device, normalize=normalize, max_length=max_length)
-                else:
-                    encoder = ImageEncoder(
-                        folder, device=device, normalize=bool(normalize), image_backend=image_backend
-                    )
-            chunk_inputs = list(inputs[start : start + rows])
-            if modality == "text":
-                features = encoder.encode(chunk_inputs, batch_size=batch_size, progress=bar)
-            else:
-                features, _ = encoder.encode(chunk_inputs, batch_size=batch_size, num_workers=num_workers, progress=bar)
-            _atomic_save(chunk_path, features)
-            computed += 1
-    if reused:
-        logger.info("%s: reused %d finished chunk(s), computed %d", partial, reused, computed)
+    for start, chunk_path in zip(starts, chunk_paths):
+        rows = min(chunk_rows, len(inputs) - start)
+        if _load_chunk(chunk_path, rows) is not None:
+            reused += 1
+            bar.update(rows)
+            continue
+        encoder = encoder or make_encoder()
+        _atomic_save(chunk_path, encode(encoder, list(inputs[start : start + rows]), bar))
+        computed += 1
+    return computed, reused
 
-    chunks = [_load_chunk(path, min(chunk_rows, len(inputs) - start)) for start, path in zip(starts, chunk_paths)]
+
+def _assemble_table(
+    chunks: list[np.ndarray], partial: Path, output_path: Path, raw_output_path: Path | None
+) -> tuple[int, int]:
+    """Write the chunks as one `.npy` table (and the raw float32 file), each moved into place whole.
+    Returns the width and the number of all-zero (missing) rows."""
     dims = {chunk.shape[1] for chunk in chunks}
     if len(dims) != 1:
         raise ValueError(f"{partial}: chunks of different widths {sorted(dims)}; delete the folder and rerun")
     dim = dims.pop()
+    rows = sum(len(chunk) for chunk in chunks)
     temporary = output_path.with_name(output_path.name + ".tmp")
-    table = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(len(inputs), dim))
-    missing = 0
-    for start, chunk in zip(starts, chunks):
+    table = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(rows, dim))
+    missing, start = 0, 0
+    for chunk in chunks:
         table[start : start + len(chunk)] = chunk
+        start += len(chunk)
         missing += int((~np.any(chunk != 0, axis=1)).sum())
     table.flush()
     del table
@@ -662,14 +640,7 @@ def extract_to_file(
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(raw_temporary, raw_output_path)
-    del chunks
-    if not keep_partial:
-        shutil.rmtree(partial, ignore_errors=True)
-    if missing:
-        logger.warning("%s: %d of %d rows are all zero (missing %s)", output_path, missing, len(inputs), modality)
-    return ExtractionResult(
-        output_path, raw_output_path, len(inputs), dim, missing, computed, reused, time.perf_counter() - began
-    )
+    return dim, missing
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -8,25 +8,24 @@ At the end the best model is evaluated once on test and written with `save_pretr
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast, broadcast_object_list, set_seed
+from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .accelerator_setup import make_accelerator, quiet_saving, use_available_cores
 from .atomic import (
     commit_files,
     complete_interrupted_commit,
@@ -35,6 +34,16 @@ from .atomic import (
     replace_directory,
     staging_dir,
     write_atomically,
+)
+from .checkpoints import (
+    BEST_DIR,
+    CHECKPOINT_DIR,
+    CHECKSUMS_FILE,
+    STATE_FILE,
+    TrainerState,
+    claim_output_dir,
+    file_checksums,
+    resume_settings,
 )
 from .data import (
     HistoryDataset,
@@ -50,24 +59,6 @@ from .training_args import PretrainingArguments, TrainingArguments, ZeroShotDoma
 from .transfer import zero_shot_recommender
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoint"
-BEST_DIR = "best_model"
-STATE_FILE = "trainer_state.json"
-
-
-@dataclass
-class TrainerState:
-    """What a resumed run needs besides the weights and the optimiser: saved as JSON in every checkpoint."""
-
-    epoch: int = 0
-    best_metric: float = -math.inf
-    best_epoch: int = -1
-    epochs_without_improvement: int = 0
-    num_interests: int = 0
-    history: list[dict] = field(default_factory=list)
-    settings: dict = field(default_factory=dict)  # what a resume must not change (RESUME_SETTINGS)
-    train_seconds: float = 0.0
 
 
 def refresh_interests(accelerator: Accelerator, model, seed: int, refresh=None) -> int:
@@ -95,125 +86,6 @@ def refresh_interests(accelerator: Accelerator, model, seed: int, refresh=None) 
     return k[0]
 
 
-def resolve_mixed_precision(mixed_precision: str) -> str:
-    """`auto` is bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or
-    AMX), else no: on an AVX2-only CPU bf16 is emulated, and MiniLM ran 6x slower under it than in fp32."""
-    if mixed_precision != "auto":
-        return mixed_precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_has_native_bf16() else "no"
-
-
-def cpu_has_native_bf16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def _make_accelerator(args: TrainingArguments) -> Accelerator:
-    log_with = None
-    if args.report_to in ("auto", "tensorboard"):
-        try:
-            import tensorboard  # noqa: F401
-
-            log_with = "tensorboard"
-        except ImportError:
-            if args.report_to == "tensorboard":
-                raise
-    # Buffers (catalogue features, interest state) are identical on every process and the interest refresh
-    # broadcasts its result: re-broadcasting them at every forward would move ~100 MB per step on Office.
-    return Accelerator(
-        mixed_precision=resolve_mixed_precision(args.mixed_precision),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=log_with,
-        project_dir=args.output_dir,
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-    )
-
-
-# Arguments a resumed run must share with the run it continues: any of them changes the result. (The number of
-# epochs may grow under a constant learning rate; evaluation batch sizes and threads change no rank.)
-RESUME_SETTINGS = (
-    "learning_rate", "weight_decay", "optimizer", "lr_scheduler_type", "warmup_ratio", "train_batch_size",
-    "gradient_accumulation_steps", "seed", "group_by_length", "length_group_batches", "mixed_precision",
-    "metric_for_best_model", "eval_ks", "metric_cutoff_offset", "exclude_history", "max_steps_per_epoch",
-    "augment", "word_drop_ratio",
-)  # fmt: skip
-CHECKSUMS_FILE = "checksums.json"
-
-
-def _resume_settings(args, model=None, train_rows: int | None = None) -> dict:
-    settings = {name: getattr(args, name) for name in RESUME_SETTINGS if hasattr(args, name)}
-    if model is not None:  # the model's own settings (temperature, dropout, regulariser, mode, ...)
-        config = model.config.to_diff_dict()
-        for name in ("num_interests", "architectures", "auto_map", "transformers_version"):
-            config.pop(name, None)
-        settings["model_config"] = json.dumps(config, sort_keys=True, default=str)
-        settings["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if train_rows is not None:
-        settings["train_rows"] = train_rows  # e.g. another train_users_fraction
-    if getattr(args, "lr_scheduler_type", "constant") != "constant":
-        settings["num_train_epochs"] = args.num_train_epochs  # the schedule spans them
-    return settings
-
-
-def _file_checksums(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder` (relative names), to tell a damaged checkpoint from a whole one."""
-    import hashlib
-
-    sums = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (STATE_FILE, CHECKSUMS_FILE)):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        sums[str(path.relative_to(folder))] = digest.hexdigest()
-    return sums
-
-
-# What a finished or running training leaves in its output folder (logs alone do not count), including the
-# hidden halves of an interrupted swap or commit; --overwrite_output_dir removes all of it.
-RUN_OUTPUTS = (
-    "config.json", "model.safetensors", "metrics.json", "pretrain_metrics.json", CHECKPOINT_DIR, BEST_DIR,
-    f".{CHECKPOINT_DIR}.tmp", f".{CHECKPOINT_DIR}.old", f".{BEST_DIR}.tmp", f".{BEST_DIR}.old", ".commit.json",
-    ".staging",
-)  # fmt: skip
-MODEL_FILES = ("item_ids.json", "training_state.pt", "results.md", "README.md", "lora_adapter", "*.py")
-
-
-def _claim_output_dir(output_dir: Path, args) -> None:
-    """Refuse to start a new run over another run's results (HF's convention), unless told to resume it or
-    to overwrite it; overwriting first removes its checkpoints, so that nothing of it is picked up later."""
-    if args.resume_from_checkpoint:
-        return
-    found = sorted(n for n in RUN_OUTPUTS if (output_dir / n).exists())
-    found += sorted(p.name for p in output_dir.glob("checkpoint-epoch-*"))
-    if not found:
-        return
-    if not args.overwrite_output_dir:
-        raise ValueError(
-            f"output_dir {output_dir} already holds a run ({', '.join(found)}); pass --resume_from_checkpoint "
-            "latest to continue it, --overwrite_output_dir to start over, or another --output_dir."
-        )
-    stale = [output_dir / n for n in RUN_OUTPUTS] + list(output_dir.glob("checkpoint-epoch-*"))
-    if (output_dir / "config.json").exists():  # a model folder: its other files belong to the old model too
-        stale += [path for pattern in MODEL_FILES for path in output_dir.glob(pattern)]
-    for path in stale:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists():
-            path.unlink()
-
-
-def _use_available_cores(accelerator: Accelerator, num_threads: int | None) -> None:
-    """A single CPU process uses every core it may run on: `accelerate launch` exports OMP_NUM_THREADS=1 for
-    one process, which halves the speed of the README's command on a 2-core machine."""
-    if accelerator.num_processes == 1 and accelerator.device.type == "cpu":
-        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(num_threads or available)
-    elif num_threads:
-        torch.set_num_threads(num_threads)
-
-
 def _format_metrics(metrics: Mapping[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "num_users")
 
@@ -231,43 +103,21 @@ def _resize_interest_state(model, num_interests: int) -> None:
     model.config.num_interests = num_interests
 
 
-@contextlib.contextmanager
-def _quiet_saving():
-    """Accelerate logs seven INFO lines per saved or loaded state (weights, optimiser, each sampler, RNG) and
-    transformers draws a progress bar per model written: one epoch's log line should not drown in them.
-    Warnings and errors still show."""
-    from transformers.utils import logging as hf_logging
-
-    loggers = [logging.getLogger(name) for name in ("accelerate.accelerator", "accelerate.checkpointing")]
-    levels = [log.level for log in loggers]
-    bars = hf_logging.is_progress_bar_enabled()
-    for log in loggers:
-        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for log, level in zip(loggers, levels):
-            log.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 class _AcceleratedLoop:
     """What the fine-tuning and pre-training loops share: the Accelerator, atomic checkpoints, resume,
     atomic model folders, and the epoch of optimisation steps."""
 
     def __init__(self, model, args):
         self.args = args
-        self.accelerator = _make_accelerator(args)
-        _use_available_cores(self.accelerator, args.num_threads)
+        self.accelerator = make_accelerator(args)
+        use_available_cores(self.accelerator, args.num_threads)
         set_seed(args.seed)
         self.output_dir = Path(args.output_dir)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             hold_lock(self.output_dir)
             complete_interrupted_commit(self.output_dir)
-            _claim_output_dir(self.output_dir, args)
+            claim_output_dir(self.output_dir, args)
         self.model = model
         self.state = TrainerState()
         world = self.accelerator.num_processes
@@ -290,7 +140,7 @@ class _AcceleratedLoop:
         """What a resume of this run must not change: the result-changing arguments, the model's config and
         trainable parameters, and the number of training rows."""
         rows = len(self.train_loader.dataset) if hasattr(self, "train_loader") else None
-        return _resume_settings(self.args, self.unwrapped, rows)
+        return resume_settings(self.args, self.unwrapped, rows)
 
     @property
     def unwrapped(self):
@@ -322,11 +172,11 @@ class _AcceleratedLoop:
         if self.accelerator.is_main_process and temporary.exists():
             shutil.rmtree(temporary)
         self.accelerator.wait_for_everyone()
-        with _quiet_saving():
+        with quiet_saving():
             self.accelerator.save_state(str(temporary))
         self.accelerator.wait_for_everyone()  # every rank's RNG file is written before the folder is hashed and swapped
         if self.accelerator.is_main_process:
-            write_atomically(temporary / CHECKSUMS_FILE, json.dumps(_file_checksums(temporary), indent=2))
+            write_atomically(temporary / CHECKSUMS_FILE, json.dumps(file_checksums(temporary), indent=2))
             state = json.dumps(asdict(self.state), indent=2, default=float)
             write_atomically(temporary / STATE_FILE, state)  # last: marks the checkpoint complete
             replace_directory(temporary, final)
@@ -342,7 +192,7 @@ class _AcceleratedLoop:
         if not state_file.exists():
             raise FileNotFoundError(f"resume_from_checkpoint: {state_file} not found (no finished epoch saved there)")
         if (directory / CHECKSUMS_FILE).exists():
-            saved, found = json.loads((directory / CHECKSUMS_FILE).read_text()), _file_checksums(directory)
+            saved, found = json.loads((directory / CHECKSUMS_FILE).read_text()), file_checksums(directory)
             damaged = sorted(name for name in saved if found.get(name) != saved[name])
             if damaged:
                 raise ValueError(
@@ -363,7 +213,7 @@ class _AcceleratedLoop:
                 "resume with the same ones, or start a new run in another output_dir."
             )
         _resize_interest_state(self.unwrapped, self.state.num_interests)
-        with _quiet_saving():
+        with quiet_saving():
             self.accelerator.load_state(str(directory))
         self.log("resumed from %s after epoch %d", directory, self.state.epoch)
 
@@ -381,7 +231,7 @@ class _AcceleratedLoop:
             temporary = staging_dir(directory) if in_place else directory.with_name(f".{directory.name}.tmp")
             if not in_place and temporary.exists():
                 shutil.rmtree(temporary)
-            with _quiet_saving():
+            with quiet_saving():
                 if _is_peft(model):
                     model.save_pretrained(temporary / "lora_adapter")
                     merged = copy.deepcopy(model).merge_and_unload()
@@ -670,6 +520,7 @@ class MissrecPretrainer(_AcceleratedLoop):
             shuffle=True,
             seed=args.seed,
             group_factor=args.length_group_batches if args.group_by_length else 1,
+            groups=corpus.row_domains() if args.domain_batches else None,
         )
         loader = DataLoader(
             dataset,

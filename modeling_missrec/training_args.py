@@ -367,6 +367,13 @@ class PretrainingArguments(LoopArguments):
             "more users and domains into a batch, and so into each other's in-batch negatives."
         },
     )
+    domain_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw every training batch from one domain, so that a history's in-batch negatives are "
+            "items of its own domain (hard) rather than mostly other domains' (told apart by their text alone)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()

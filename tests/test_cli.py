@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,45 +32,6 @@ def test_help_explains_every_flag(script, dataclasses):
         for field in cls.__dataclass_fields__.values():
             assert f"--{field.name}" in result.stdout, field.name
             assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help text"
-
-
-def test_yaml_settings_are_overridden_by_flags(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("num_train_epochs: 7\nmode: inductive\nlearning_rate: 0.01\n")
-    data, model, training, path = run_finetune.parse_config_and_flags(
-        (DataArguments, ModelArguments, TrainingArguments),
-        ["--config", str(config), "--learning_rate", "0.002"],
-        run_finetune.DEFAULT_CONFIG,
-    )
-    assert path == str(config)
-    assert (training.num_train_epochs, model.mode, training.learning_rate) == (7, "inductive", 0.002)
-    config.write_text("num_train_epoch: 7\n")
-    with pytest.raises(ValueError, match=r"unknown settings \['num_train_epoch'\]"):
-        run_finetune.parse_config_and_flags((TrainingArguments,), ["--config", str(config)], None)
-
-
-def test_the_default_config_is_the_embedded_demo():
-    data, model, training, path = run_finetune.parse_config_and_flags(
-        (DataArguments, ModelArguments, TrainingArguments), [], run_finetune.DEFAULT_CONFIG
-    )
-    assert path.endswith("configuration/finetune/default.yaml")
-    assert data.data_dir == "data/scientific_mm" and model.mode == "transductive"
-    assert model.model_name_or_path is None
-
-
-def test_paper_configs_parse_and_name_their_dataset_root(monkeypatch):
-    monkeypatch.setenv("MISSREC_DATA_ROOT", "/data/downstream")
-    monkeypatch.setenv("MISSREC_PRETRAINED", "/models/fhckm")
-    configs = sorted((ROOT / "configuration" / "finetune").glob("run*.yaml"))
-    assert len(configs) == 20
-    for config in configs:
-        data, model, training, _ = run_finetune.parse_config_and_flags(
-            (DataArguments, ModelArguments, TrainingArguments), ["--config", str(config)], None
-        )
-        assert data.resolved_data_dir().startswith("/data/downstream/")
-        assert ("pretrained" in config.name) == (model.finetune_method == "frozen")
-        if "office_id" in config.name:
-            assert (training.train_batch_size, model.interest_ratio) == (1024, 0.3)
 
 
 def test_finetune_end_to_end_with_push(tmp_path):
@@ -112,12 +72,6 @@ def test_pretrain_end_to_end_on_the_embedded_data(tmp_path):
     assert (tmp_path / "pre" / "checkpoint-epoch-1" / "model.safetensors").exists()
 
 
-def test_an_unknown_early_stopping_metric_fails_before_training():
-    with pytest.raises(ValueError, match="metric_for_best_model='ndcg@20' is invalid"):
-        TrainingArguments(metric_for_best_model="NDCG@20")
-    assert TrainingArguments(metric_for_best_model="NDCG@50").metric_for_best_model == "ndcg@50"
-
-
 BAD_FINETUNE_ARGUMENTS = [
     (["--early_stopping_patience", "-1"], "early_stopping_patience=-1 is invalid; allowed: an integer >= 0"),
     (["--config_overrides", "hiden_size=64"], "unknown MissrecConfig field(s) ['hiden_size']"),
@@ -143,23 +97,6 @@ def test_a_meaningless_argument_is_one_line_on_stderr_before_any_data_is_read(fl
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("eval_ks: 10\n", "setting eval_ks: 10 is not of the expected type list[int]"),
-        ("learning_rate: [0.1]\n", "setting learning_rate: [0.1] is not of the expected type float"),
-        ("num_train_epochs: 2.5\n", "setting num_train_epochs: 2.5 is not of the expected type int"),
-    ],
-)
-def test_a_yaml_value_of_the_wrong_type_names_the_file_and_the_setting(text, message, tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text(text)
-    with pytest.raises(ValueError, match=re.escape(f"{config}: {message}")):
-        run_finetune.parse_config_and_flags(
-            (DataArguments, ModelArguments, TrainingArguments), ["--config", str(config)], None
-        )
 
 
 def test_the_command_line_prints_one_line_and_the_traceback_only_with_debug(tmp_path):
@@ -192,14 +129,3 @@ def test_the_feature_extractor_reports_a_missing_folder_in_one_line(tmp_path):
         done.stderr.strip().splitlines()[-1]
         == f"error: {tmp_path / 'none'}: expected exactly one *.train.inter file, found none"
     )  # noqa: E501
-
-
-def test_mixed_precision_auto_is_bf16_only_where_the_cpu_computes_it():
-    from modeling_missrec.trainer import resolve_mixed_precision
-
-    with mock.patch("torch.cuda.is_available", return_value=False):
-        for native in (True, False):
-            with mock.patch("modeling_missrec.trainer.cpu_has_native_bf16", return_value=native):
-                assert resolve_mixed_precision("auto") == ("bf16" if native else "no")
-    for explicit in ("no", "fp16", "bf16"):
-        assert resolve_mixed_precision(explicit) == explicit

@@ -765,3 +765,19 @@ def test_bad_data_is_refused_or_flagged_naming_the_file_and_the_row(tmp_path, ca
     with caplog.at_level("WARNING"):
         data_module.load_item_catalog(folder, feature_files={"image": "Toy.zero.npy"})
     assert "Toy.zero.npy: every row is zero, so no item has the image modality" in caplog.text
+
+
+def test_sampler_with_groups_keeps_every_full_batch_within_one_group(skewed_lengths):
+    groups = np.random.default_rng(4).integers(0, 3, size=len(skewed_lengths))
+    sampler = LengthGroupedBatchSampler(skewed_lengths, batch_size=32, seed=1, group_factor=4, groups=groups)
+    batches = list(sampler)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(skewed_lengths)))  # every row once
+    single = [b for b in batches if len(set(groups[b])) == 1 and len(b) == 32]
+    assert len(batches) - len(single) <= 3  # only the pooled leftovers of the three groups may mix
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    sampler.set_epoch(0)
+    assert list(sampler) == batches  # a resumed run sees the same batches
+    with pytest.raises(ValueError, match="one label per row"):
+        LengthGroupedBatchSampler(skewed_lengths, batch_size=32, groups=groups[:-1])

@@ -371,3 +371,11 @@ def test_pretraining_logs_the_zero_shot_signal_of_held_out_users(corpus, tmp_pat
     flags += ["--model_name_or_path", str(tmp_path / "pre" / "checkpoint-epoch-2"), "--do_train", "false"]
     metrics = run_finetune.main([*flags, "--output_dir", str(tmp_path / "zero")])
     assert metrics["valid"]["ndcg@10"] == pytest.approx(signal[1]["H"], abs=1e-12)
+
+
+def test_domain_batches_draw_each_batch_from_one_domain(corpus, tmp_path):
+    domains = corpus.row_domains()
+    assert set(domains.tolist()) == {0, 1}
+    assert ((corpus.train["target"] > 20) == (domains == 1)).all()  # B's items follow A's 20
+    summary = pretrain(corpus, tmp_path / "by-domain", epochs=1, domain_batches=True)
+    assert summary["epochs_run"] == 1 and np.isfinite(summary["history"][0]["loss"])
