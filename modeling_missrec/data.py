@@ -475,7 +475,8 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     `set_epoch` makes the order a function of (seed, epoch), so a resumed run sees the same batches.
     With `groups` (an int label per row, e.g. its pre-training domain) every full batch holds one group's
     rows: the permutation, pools and batches are made within each group, and the rows that fill no whole
-    batch of their group are pooled and batched together (at most one mixed batch per group).
+    batch of their group are pooled and batched together (fewer than one batch per group, so at most
+    groups - 1 mixed full batches and the short last one).
 
     Without shuffling (evaluation) the rows come longest first in batches of `batch_size`; with `min_fill` > 0 a
     batch also ends before the first history shorter than `min_fill` x its longest, so at least that fraction

@@ -377,5 +377,17 @@ def test_domain_batches_draw_each_batch_from_one_domain(corpus, tmp_path):
     domains = corpus.row_domains()
     assert set(domains.tolist()) == {0, 1}
     assert ((corpus.train["target"] > 20) == (domains == 1)).all()  # B's items follow A's 20
-    summary = pretrain(corpus, tmp_path / "by-domain", epochs=1, domain_batches=True)
+    torch.manual_seed(0)
+    model = build_pretraining_model(PretrainModelArguments(interest_ratio=0.2, config_overrides=TINY), corpus)
+    args = PretrainingArguments(
+        output_dir=str(tmp_path / "by-domain"), num_train_epochs=1, train_batch_size=16, report_to="none",
+        disable_tqdm=True, seed=5, domain_batches=True,
+    )  # fmt: skip
+    trainer = MissrecPretrainer(model, corpus, args)
+    batches = list(trainer.train_loader.batch_sampler)
+    full = [batch for batch in batches if len(batch) == 16]
+    mixed = [batch for batch in full if len(set(domains[batch])) > 1]
+    assert len(full) >= 4 and len(mixed) <= 1  # only the two domains' pooled leftovers may share a full batch
+    assert sorted(i for batch in batches for i in batch) == list(range(len(domains)))
+    summary = trainer.train()
     assert summary["epochs_run"] == 1 and np.isfinite(summary["history"][0]["loss"])
