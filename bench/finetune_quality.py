@@ -6,8 +6,9 @@
     python bench/finetune_quality.py --datasets scientific_mm --modes inductive # one run; earlier ones are kept
 
 Each (dataset, mode) run builds the model with `build_model` and trains it with `MissrecTrainer(...).train()`
-(interests refreshed every epoch, early stopping on valid NDCG@10, the best model evaluated once on test by full
-ranking), exactly as `run_finetune.py` does, in its own folder `<work_dir>/<dataset>-<mode>` (wiped first).
+(interests refreshed every epoch, early stopping on valid NDCG@10, the best model evaluated once on test by
+full ranking), exactly as `run_finetune.py` does, in its own folder `<work_dir>/<dataset>-<mode>` (wiped
+first; with --resume a killed run's folder is continued from its last finished epoch).
 
 Datasets (under the shared data root):
   scientific_full  <root>/scientific_full: text = Scientific.text_minilm.npy (384), image =
@@ -52,6 +53,7 @@ from common import (
 )
 from transformers.utils import logging as transformers_logging
 
+from modeling_missrec.checkpoints import CHECKPOINT_DIR, STATE_FILE
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog, subsample_training_users
 from modeling_missrec.trainer import MissrecTrainer
 from modeling_missrec.training_args import (
@@ -149,6 +151,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "shared CPU: oversubscribed threads make every op wait at thread barriers.",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue a run folder's last finished epoch (its `checkpoint/`) instead of wiping it; a folder without "
+        "one starts over. The trainer refuses a checkpoint trained with other settings.",
+    )
+    parser.add_argument(
         "--print_json",
         action="store_true",
         help="Print the last run's record, per-epoch history and split sizes as one JSON line at the end.",
@@ -183,6 +191,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------------- runs
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run folder holds a finished epoch to resume (also one caught between the two renames of a swap,
+    which the trainer's `resume_from_checkpoint="latest"` recovers)."""
+    folders = (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.tmp", f".{CHECKPOINT_DIR}.old")
+    return any((run_dir / folder / STATE_FILE).exists() for folder in folders)
+
+
 def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, dict]:
     """Train and test one (dataset, mode); returns its record, the run's own settings and timings, and the
     per-epoch history with the split sizes (what `bench/peers.py` reads through `--print_json`)."""
@@ -195,7 +210,8 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
     if not data_dir.is_dir():
         sys.exit(f"error: {data_dir} not found: the shared data root {data_root} has no {spec['folder']}/ folder.")
     run_dir = Path(args.work_dir) / f"{name}-{mode}"
-    if run_dir.exists():
+    resume = args.resume and has_checkpoint(run_dir)
+    if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     data_args = DataArguments(
         data_dir=str(data_dir),
@@ -222,6 +238,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
         mixed_precision=args.mixed_precision,
         report_to="none",
         disable_tqdm=True,
+        resume_from_checkpoint="latest" if resume else None,
     )
     training_args = TrainingArguments(**{**settings, **args.training_settings})  # the overrides win
     started = time.perf_counter()

@@ -9,8 +9,9 @@
 Every run is `bench/finetune_quality.py` (the real training path: interests refreshed every epoch, early
 stopping on valid NDCG@10 with patience 10, the best epoch's model evaluated once on test by full ranking) in
 its own process, so no state leaks between runs. A finished run is appended at once to
-`<output_dir>/quality_runs.json` and skipped when the harness is started again, so an interrupted grid loses
-one run at most; the summary is rewritten after every run.
+`<output_dir>/quality_runs.json` and skipped when the harness is started again; the run that was interrupted
+continues from its last finished epoch (`finetune_quality.py --resume`), so a stop loses one epoch; the
+summary is rewritten after every run.
 
 Summary (`<output_dir>/quality.json` and `.md`): per (dataset, mode, configuration) the mean and standard
 deviation over the seeds of the valid and test HR/NDCG@10/50, the best epochs, seconds per epoch and training
@@ -179,7 +180,7 @@ def run_finetune_quality(
         sys.executable, str(BENCH_DIR / "finetune_quality.py"),
         "--data_root", str(data_root), "--datasets", args.dataset, "--modes", mode, "--seed", str(seed),
         "--num_train_epochs", str(args.num_train_epochs), "--work_dir", str(run_dir), "--output_dir", str(run_dir),
-        "--print_json", *flags,
+        "--print_json", "--resume", *flags,
     ]  # fmt: skip
     if model:
         command += ["--config_overrides", overrides(model)]
@@ -195,7 +196,9 @@ def run_finetune_quality(
     # The run imports the package of this checkout (a git worktree pinned to the commit being measured), not
     # whatever an editable install points at: the script's folder, not the repository, is first on sys.path.
     env = checkout_env()
-    with open(log_path, "w", encoding="utf-8") as log:
+    # A run killed part-way (a stopped session) continues from its last finished epoch: `--resume` above, and
+    # its log goes on in the same file.
+    with open(log_path, "a", encoding="utf-8") as log:
         process = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     if process.returncode != 0:
         raise RuntimeError(f"run {name} / {mode} failed (exit {process.returncode}); see {log_path}")

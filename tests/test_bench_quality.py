@@ -1,0 +1,54 @@
+"""The experiment harness's runs survive a stopped session: a killed run, started again with `--resume` (as
+`bench/quality.py` does), continues from its last finished epoch to the result of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "bench" / "finetune_quality.py"
+# A small model and two steps per epoch: the test is about the harness's resume, not about quality.
+TINY = "hidden_size=32,num_attention_heads=2,intermediate_size=64"
+
+
+def finetune(shared_data_dir: Path, work_dir: Path, epochs: int, *flags: str) -> dict:
+    command = [
+        sys.executable, str(SCRIPT), "--data_root", str(shared_data_dir), "--datasets", "scientific_mm",
+        "--modes", "inductive", "--num_train_epochs", str(epochs), "--max_steps_per_epoch", "2",
+        "--config_overrides", TINY, "--work_dir", str(work_dir), "--output_dir", str(work_dir), "--print_json",
+        "--num_threads", "2", *flags,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return {**json.loads(process.stdout.strip().splitlines()[-1]), "log": process.stderr}
+
+
+def comparable(payload: dict) -> dict:
+    history = [
+        {k: v for k, v in h.items() if not k.endswith("seconds") and k != "train_samples_per_second"}
+        for h in payload["history"]
+    ]
+    return {"record": {k: payload["record"][k] for k in ("valid", "test", "best_epoch")}, "history": history}
+
+
+def test_resumed_run_equals_an_uninterrupted_one(shared_data_dir, tmp_path):
+    straight = finetune(shared_data_dir, tmp_path / "straight", 2)
+    # The first epoch alone, as if the session had stopped after it; `--resume` on a folder without a
+    # checkpoint starts afresh.
+    first = finetune(shared_data_dir, tmp_path / "resumed", 1, "--resume")
+    assert len(first["history"]) == 1 and "resumed from" not in first["log"]
+    resumed = finetune(shared_data_dir, tmp_path / "resumed", 2, "--resume")
+    assert "after epoch 1" in resumed["log"]  # it trained the second epoch only
+    assert len(resumed["history"]) == 2
+    assert comparable(resumed) == comparable(straight)
+
+
+def test_without_resume_a_run_folder_starts_over(shared_data_dir, tmp_path):
+    finetune(shared_data_dir, tmp_path / "run", 1)
+    again = finetune(shared_data_dir, tmp_path / "run", 1)
+    assert [h["epoch"] for h in again["history"]] == [0] and "resumed from" not in again["log"]
