@@ -30,9 +30,9 @@ import argparse
 import ast
 import gzip
 import html
+import itertools
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -44,13 +44,17 @@ import numpy as np
 import pandas as pd
 
 from .atomic import write_atomically
+from .columnar_log import read_log
 from .data import INTER_HEADER, TEXT_HEADER
+from .raw_values import ConversionError, check_columns, is_missing, normalise_ids, parse_timestamps
 
 logger = logging.getLogger(__name__)
 
 IMAGE_HEADER = ["item_id:token", "image:token"]
 FORMATS = ("csv", "tsv", "parquet", "jsonl")
 TEXT_FIELDS = ("title", "categories", "brand", "description")
+LOG_READERS = ("arrow", "pandas")
+USERS_PER_WRITE = 20_000  # the split files are written in blocks of this many users' lines: bounded memory
 MIN_INTERACTIONS_TO_SPLIT = 3  # one train-part item, one valid target, one test target
 _EXTENSIONS = {
     ".csv": "csv",
@@ -62,11 +66,6 @@ _EXTENSIONS = {
     ".ndjson": "jsonl",
     ".json": "jsonl",  # Amazon review/metadata dumps named *.json are JSON Lines
 }
-
-
-class ConversionError(ValueError):
-    """Input that cannot be converted; the message names the file, the row where there is one, and what was
-    expected."""
 
 
 @dataclass(frozen=True)
@@ -194,18 +193,10 @@ def clean_text(text: str) -> str:
     return f"{text}." if text else ""
 
 
-def _is_missing(value: object) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float | np.floating):
-        return math.isnan(value)
-    return value is pd.NA or value is pd.NaT
-
-
 def field_text(value: object) -> str:
     """One metadata field as plain text: lists (also nested, and list-looking strings such as `["A", "B"]` or
     `[['A', 'B']]` from CSV) are flattened and joined with spaces; missing values give ''."""
-    if _is_missing(value):
+    if is_missing(value):
         return ""
     if isinstance(value, str):
         stripped = value.strip()
@@ -282,15 +273,6 @@ def _read_jsonl(path: Path, wanted: Sequence[str]) -> tuple[dict[str, list], np.
     return columns, np.asarray(rows, dtype=np.int64), list(seen)
 
 
-def _missing_column(path: Path, column: str, role: str, found: Sequence[str]) -> ConversionError:
-    shown = list(found)[:50]
-    more = f" (and {len(found) - 50} more)" if len(found) > 50 else ""
-    return ConversionError(
-        f"{path}: missing column {column!r} (the {role} column); columns found: {shown}{more}. "
-        f"Name the right column with --{role}_column."
-    )
-
-
 def read_table(
     path: str | os.PathLike,
     required: dict[str, str],
@@ -313,7 +295,7 @@ def read_table(
             sep = "\t" if fmt == "tsv" else ","
             found = list(pd.read_csv(path, sep=sep, nrows=0).columns)
             present = [c for c in wanted if c in found]
-            _check_columns(path, required, found)
+            check_columns(path, required, found)
             frame = pd.read_csv(path, sep=sep, usecols=present, dtype=str, keep_default_na=False)
             rows = np.arange(1, len(frame) + 1, dtype=np.int64)
         elif fmt == "parquet":
@@ -321,12 +303,12 @@ def read_table(
 
             found = list(pq.read_schema(path).names)
             present = [c for c in wanted if c in found]
-            _check_columns(path, required, found)
+            check_columns(path, required, found)
             frame = pd.read_parquet(path, columns=present)
             rows = np.arange(1, len(frame) + 1, dtype=np.int64)
         else:
             columns, rows, found = _read_jsonl(path, wanted)
-            _check_columns(path, required, found)
+            check_columns(path, required, found)
             present = [c for c in wanted if c in found]
             frame = pd.DataFrame({c: pd.Series(columns[c], dtype=object) for c in present}, index=range(len(rows)))
     except ConversionError:
@@ -339,90 +321,6 @@ def read_table(
         if column not in frame.columns:
             logger.info("%s: no %r column; the %s field is left empty", path, column, role)
     return frame.reset_index(drop=True), rows
-
-
-def _check_columns(path: Path, required: dict[str, str], found: Sequence[str]) -> None:
-    for column, role in required.items():
-        if column not in found:
-            raise _missing_column(path, column, role, found)
-
-
-def _id_string(value: object) -> str:
-    if _is_missing(value):
-        return ""
-    if isinstance(value, str):
-        return value.strip()
-    if isinstance(value, bool | np.bool_):
-        return str(value)
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    if isinstance(value, float | np.floating):
-        # Parquet/pandas turn an integer column with gaps into floats; 12.0 is the id "12"
-        return str(int(value)) if float(value).is_integer() else repr(float(value))
-    return str(value).strip()
-
-
-def normalise_ids(values: pd.Series, path: Path, column: str, rows: np.ndarray) -> np.ndarray:
-    """Ids as stripped strings (integers without a decimal point); an empty or missing id, or one with a tab or
-    newline (which would break the TSV output), is an error naming the first such row."""
-    if pd.api.types.is_integer_dtype(values.dtype) and not values.isna().any():
-        strings = values.astype(np.int64).astype(str).to_numpy(dtype=object)
-    else:
-        nested = values.map(lambda v: isinstance(v, list | tuple | dict | set | np.ndarray)).to_numpy(dtype=bool)
-        if nested.any():
-            first = int(np.argmax(nested))
-            raise ConversionError(
-                f"{path}: row {rows[first]}: column {column!r} holds a {type(values.iloc[first]).__name__} "
-                f"({str(values.iloc[first])[:60]}), not one id; one interaction per row is expected (explode "
-                "list-valued columns first)"
-            )
-        strings = values.map(_id_string).to_numpy(dtype=object)
-    empty = strings == ""
-    if empty.any():
-        first = int(np.argmax(empty))
-        raise ConversionError(
-            f"{path}: row {rows[first]}: empty or missing id in column {column!r} ({int(empty.sum())} such rows); "
-            "every row needs one"
-        )
-    bad = np.fromiter(("\t" in s or "\n" in s or "\r" in s for s in strings), dtype=bool, count=len(strings))
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise ConversionError(
-            f"{path}: row {rows[first]}: id {strings[first]!r} in column {column!r} contains a tab or newline, "
-            "which the tab-separated output cannot hold"
-        )
-    return strings
-
-
-def parse_timestamps(values: pd.Series, path: Path, column: str, rows: np.ndarray) -> np.ndarray:
-    """Seconds since the epoch (float64) from integers/floats (unix seconds) or ISO-8601 strings (naive ones
-    are read as UTC). Anything else, including an empty cell, is an error naming the first bad row."""
-    if pd.api.types.is_bool_dtype(values.dtype):
-        raise ConversionError(f"{path}: column {column!r} holds booleans; expected unix seconds or ISO-8601 strings")
-    if pd.api.types.is_datetime64_any_dtype(values.dtype):
-        parsed = pd.to_datetime(values, utc=True)
-        seconds = ((parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64)
-    elif pd.api.types.is_numeric_dtype(values.dtype):
-        seconds = values.to_numpy(dtype=np.float64, na_value=np.nan)
-    else:
-        objects = values.astype(object)
-        objects = objects.where(~objects.map(lambda v: isinstance(v, bool)), None)  # True is not a time
-        seconds = np.array(pd.to_numeric(objects, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan))
-        todo = np.isnan(seconds) & objects.map(lambda v: isinstance(v, str) and v.strip() != "").to_numpy(bool)
-        if todo.any():
-            texts = objects[todo].map(str.strip)
-            parsed = pd.to_datetime(texts, format="ISO8601", utc=True, errors="coerce")
-            seconds[todo] = ((parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(
-                dtype=np.float64, na_value=np.nan
-            )
-    bad = ~np.isfinite(seconds)
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise ConversionError(
-            f"{path}: row {rows[first]}: cannot parse timestamp {values.iloc[first]!r} in column {column!r} "
-            f"({int(bad.sum())} such rows); expected unix seconds (integer or float) or an ISO-8601 string"
-        )
-    return seconds
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -460,17 +358,6 @@ def _kcore(user_codes: np.ndarray, item_codes: np.ndarray, k: int, stats: Conver
     return keep
 
 
-def _history_rows(user_index: int, sequence: list[str], max_seq_length: int) -> tuple[list[str], str, str, np.ndarray]:
-    """The leave-one-out rows of one user, whose item indices (as strings, time order) are `sequence`:
-    position t's history is the `max_seq_length` items before t; t = n-1 is test, n-2 valid, 1..n-3 train."""
-    n = len(sequence)
-    user = str(user_index)
-    lines = [f"{user}\t{' '.join(sequence[max(0, t - max_seq_length) : t])}\t{sequence[t]}\n" for t in range(1, n)]
-    lengths = np.minimum(np.arange(1, n), max_seq_length)
-    return lines[:-2], lines[-2], lines[-1], lengths
-
-
-# ------------------------------------------------------------------------------------------------- main
 def convert_interactions(
     interactions_path: str | os.PathLike,
     metadata_path: str | os.PathLike,
@@ -486,12 +373,15 @@ def convert_interactions(
     max_text_length: int = 2000,
     on_duplicate_metadata: str = "error",
     drop_duplicate_interactions: bool = False,
+    log_reader: str = "arrow",
 ) -> ConversionStats:
     """Convert an interaction log and item metadata into atomic files `output_dir/dataset_name.*`.
 
     `text_fields` picks (and orders) the metadata fields joined into an item's text, from
     `title`, `categories`, `brand`, `description`. `on_duplicate_metadata` is `"error"` (a second metadata row
     for an item is an error naming both rows) or `"first"` (keep the first row, count the others).
+    `log_reader` is `"arrow"` (CSV/TSV/Parquet read column by column, see `columnar_log`; JSON Lines always
+    goes through pandas) or `"pandas"` (one Python string per cell: the reference, same output, slower).
     Returns the statistics, which are also written to `dataset_name.stats.json`.
 
     The phases, each a function below: read the metadata (one row per item), read the log and keep the
@@ -500,6 +390,8 @@ def convert_interactions(
     columns = columns or ColumnNames()
     interactions_path, metadata_path, output_dir = Path(interactions_path), Path(metadata_path), Path(output_dir)
     _check_settings(k_core, max_seq_length, dataset_name, on_duplicate_metadata, text_fields)
+    if log_reader not in LOG_READERS:
+        raise ConversionError(f"log_reader must be one of {list(LOG_READERS)}, got {log_reader!r}")
     stats = ConversionStats(dataset_name=dataset_name)
     stats.settings = {
         "interactions_path": str(interactions_path),
@@ -515,7 +407,7 @@ def convert_interactions(
     metadata, meta_ids, field_columns = _read_metadata(
         metadata_path, columns, text_fields, metadata_format, on_duplicate_metadata, stats
     )
-    log = _read_log(interactions_path, columns, interactions_format, drop_duplicate_interactions, stats)
+    log = _read_log(interactions_path, columns, interactions_format, log_reader, drop_duplicate_interactions, stats)
     meta_position = pd.Index(meta_ids)
     keep = _keep_items_with_metadata(log, meta_position, interactions_path, metadata_path, columns, stats)
     index = _kcore_and_splittable(log, np.nonzero(keep)[0], k_core, interactions_path, stats)
@@ -595,22 +487,19 @@ class _Log:
     keep: np.ndarray
 
 
-def _read_log(interactions_path, columns, interactions_format, drop_duplicate_interactions, stats) -> _Log:
-    log, rows = read_table(
-        interactions_path,
-        {columns.user: "user", columns.item: "item", columns.time: "time"},
-        file_format=interactions_format,
-    )
-    stats.interactions_read = len(log)
-    if len(log) == 0:
-        raise ConversionError(f"{interactions_path}: no interaction rows")
-    users = normalise_ids(log[columns.user], interactions_path, columns.user, rows)
-    items = normalise_ids(log[columns.item], interactions_path, columns.item, rows)
-    times = parse_timestamps(log[columns.time], interactions_path, columns.time, rows)
-    del log
-    user_codes, user_names = pd.factorize(users)  # codes in order of first appearance in the file
-    item_codes, item_names = pd.factorize(items)
-    keep = np.ones(len(users), dtype=bool)
+def _read_log(interactions_path, columns, interactions_format, log_reader, drop_duplicate_interactions, stats):
+    fmt = detect_format(interactions_path, interactions_format)
+    if log_reader == "arrow" and fmt != "jsonl":
+        read = read_log(interactions_path, columns.user, columns.item, columns.time, fmt)
+        user_codes, user_names, item_codes, item_names, times = (
+            read.user_codes, read.user_names, read.item_codes, read.item_names, read.times
+        )  # fmt: skip
+    else:
+        user_codes, user_names, item_codes, item_names, times = _read_log_with_pandas(
+            interactions_path, columns, interactions_format
+        )
+    stats.interactions_read = len(user_codes)
+    keep = np.ones(len(user_codes), dtype=bool)
     triples = pd.DataFrame({"u": user_codes, "i": item_codes, "t": times})
     repeats = triples.duplicated(keep="first").to_numpy()
     stats.duplicate_interactions = int(repeats.sum())
@@ -619,6 +508,24 @@ def _read_log(interactions_path, columns, interactions_format, drop_duplicate_in
         stats.duplicate_interactions_dropped = stats.duplicate_interactions
         logger.info("dropped %d exact duplicate interactions", stats.duplicate_interactions)
     return _Log(user_codes, user_names, item_codes, item_names, times, keep)
+
+
+def _read_log_with_pandas(interactions_path, columns, interactions_format):
+    """The reference reader (and the one for JSON Lines): one Python string per cell."""
+    log, rows = read_table(
+        interactions_path,
+        {columns.user: "user", columns.item: "item", columns.time: "time"},
+        file_format=interactions_format,
+    )
+    if len(log) == 0:
+        raise ConversionError(f"{interactions_path}: no interaction rows")
+    users = normalise_ids(log[columns.user], interactions_path, columns.user, rows)
+    items = normalise_ids(log[columns.item], interactions_path, columns.item, rows)
+    times = parse_timestamps(log[columns.time], interactions_path, columns.time, rows)
+    del log
+    user_codes, user_names = pd.factorize(users)  # codes in order of first appearance in the file
+    item_codes, item_names = pd.factorize(items)
+    return user_codes, user_names, item_codes, item_names, times
 
 
 def _keep_items_with_metadata(log: _Log, meta_position, interactions_path, metadata_path, columns, stats):
@@ -704,30 +611,23 @@ def _ordered(log: _Log, index: np.ndarray):
 
 
 def _rows_and_lengths(index, user_order, item_order, item_raw, log: _Log, max_seq_length, interactions_path, stats):
-    """The train, valid and test lines (leave-one-out per user) and the size statistics."""
+    """The train, valid and test files' lines (leave-one-out per user), as iterables of text blocks written one
+    block at a time, and the size statistics, computed from the sequence lengths alone."""
     boundaries = np.flatnonzero(np.diff(user_order)) + 1
     starts = np.concatenate([[0], boundaries])
     ends = np.concatenate([boundaries, [len(index)]])
-    tokens = item_order.astype(str).tolist()
-    train: list[str] = []
-    valid: list[str] = []
-    test: list[str] = []
-    train_lengths: list[np.ndarray] = []
-    for user, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
-        train_lines, valid_line, test_line, lengths = _history_rows(user, tokens[start:end], max_seq_length)
-        train.extend(train_lines)
-        valid.append(valid_line)
-        test.append(test_line)
-        train_lengths.append(lengths[:-2])
-    if not train:
+    sequence_lengths = ends - starts
+    train_counts = sequence_lengths - MIN_INTERACTIONS_TO_SPLIT  # positions 1..n-3
+    if train_counts.sum() == 0:
         raise ConversionError(
             f"{interactions_path}: no train rows: each of the {len(starts)} users left after filtering has exactly "
             f"{MIN_INTERACTIONS_TO_SPLIT} interactions (one history item, the valid and the test target), and a "
             "train split needs a user with at least 4"
         )
-    sequence_lengths = ends - starts
+    # Train row j of a user is position t = j + 1; its history holds min(t, max_seq_length) items.
+    positions = np.arange(int(train_counts.sum())) - np.repeat(np.cumsum(train_counts) - train_counts, train_counts) + 1
     stats.users, stats.items, stats.interactions = len(starts), len(item_raw), len(index)
-    stats.train_rows, stats.valid_rows, stats.test_rows = len(train), len(valid), len(test)
+    stats.train_rows, stats.valid_rows, stats.test_rows = int(train_counts.sum()), len(starts), len(starts)
     # Over distinct (user, item) pairs: repeated purchases are kept as interactions, and counting them would
     # make a small, repetitive log "denser than full" (a negative sparsity).
     user_codes, item_codes = log.user_codes, log.item_codes
@@ -735,11 +635,48 @@ def _rows_and_lengths(index, user_order, item_order, item_raw, log: _Log, max_se
     stats.sparsity = 1.0 - pairs / (stats.users * stats.items)
     stats.sequence_length = _summary(sequence_lengths)
     stats.history_length = {
-        "train": _summary(np.concatenate(train_lengths)),
+        "train": _summary(np.minimum(positions, max_seq_length)),
         "valid": _summary(np.minimum(sequence_lengths - 2, max_seq_length)),
         "test": _summary(np.minimum(sequence_lengths - 1, max_seq_length)),
     }
-    return train, valid, test
+    # One string object per item number, shared by every line that names the item.
+    tokens = np.array([str(i) for i in range(len(item_raw))], dtype=object)[item_order]
+    lines = _SplitLines(tokens, starts.tolist(), ends.tolist(), max_seq_length)
+    return lines.blocks("train"), lines.blocks("valid"), lines.blocks("test")
+
+
+@dataclass
+class _SplitLines:
+    """The leave-one-out lines of every user, whose item numbers (as strings, time order) are
+    `tokens[start:end]`: position t's history is the `max_seq_length` items before t; t = n-1 is the test row,
+    n-2 the valid row, 1..n-3 the train rows."""
+
+    tokens: np.ndarray
+    starts: list[int]
+    ends: list[int]
+    max_seq_length: int
+
+    def blocks(self, split: str):
+        """A re-iterable of text blocks, `USERS_PER_WRITE` users' lines of `split` each."""
+        return _Blocks(self, split)
+
+    def user_lines(self, user: int, split: str) -> list[str]:
+        sequence = self.tokens[self.starts[user] : self.ends[user]].tolist()
+        n, length, name = len(sequence), self.max_seq_length, str(user)
+        positions = {"train": range(1, n - 2), "valid": (n - 2,), "test": (n - 1,)}[split]
+        return [f"{name}\t{' '.join(sequence[max(0, t - length) : t])}\t{sequence[t]}\n" for t in positions]
+
+
+@dataclass
+class _Blocks:
+    lines: _SplitLines
+    split: str
+
+    def __iter__(self):
+        users = len(self.lines.starts)
+        for first in range(0, users, USERS_PER_WRITE):
+            block = range(first, min(first + USERS_PER_WRITE, users))
+            yield "".join(line for user in block for line in self.lines.user_lines(user, self.split))
 
 
 def _texts_and_images(kept_meta, field_columns, text_fields, columns, max_text_length, stats):
@@ -767,9 +704,9 @@ def _write(output_dir, dataset_name, train, valid, test, user_raw, item_raw, tex
     prefix = output_dir / dataset_name
     header = "\t".join(INTER_HEADER) + "\n"
     outputs: dict[str, Iterable[str]] = {
-        "train.inter": [header, *train],
-        "valid.inter": [header, *valid],
-        "test.inter": [header, *test],
+        "train.inter": itertools.chain([header], train),
+        "valid.inter": itertools.chain([header], valid),
+        "test.inter": itertools.chain([header], test),
         "user2index": (f"{raw}\t{i}\n" for i, raw in enumerate(user_raw)),
         "item2index": (f"{raw}\t{i}\n" for i, raw in enumerate(item_raw)),
         "text": ["\t".join(TEXT_HEADER) + "\n", *(f"{raw}\t{t}\n" for raw, t in zip(item_raw, texts))],
@@ -793,8 +730,8 @@ def _write(output_dir, dataset_name, train, valid, test, user_raw, item_raw, tex
 def _image_path(value: object) -> str:
     """An image path cell as text; a list (e.g. Amazon's `imageURLHighRes`) gives its first entry."""
     if isinstance(value, list | tuple | np.ndarray):
-        value = next((v for v in value if not _is_missing(v) and str(v).strip()), None)
-    if _is_missing(value):
+        value = next((v for v in value if not is_missing(v) and str(v).strip()), None)
+    if is_missing(value):
         return ""
     text = str(value).strip()
     if any(c in text for c in "\t\n\r"):
@@ -873,6 +810,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="drop exact repeats of (user, item, timestamp); by default they are kept as real repeat interactions",
     )
+    parser.add_argument(
+        "--log_reader",
+        choices=LOG_READERS,
+        default="arrow",
+        help="arrow (default): CSV/TSV/Parquet logs read column by column, for logs of tens of millions of rows; "
+        "pandas: the reference reader, one Python string per cell (same files, slower). JSON Lines always uses "
+        "pandas",
+    )
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     return parser
 
@@ -907,6 +852,7 @@ def main(argv: Sequence[str] | None = None) -> ConversionStats:
             max_text_length=args.max_text_length,
             on_duplicate_metadata=args.on_duplicate_metadata,
             drop_duplicate_interactions=args.drop_duplicate_interactions,
+            log_reader=args.log_reader,
         )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
