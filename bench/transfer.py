@@ -274,6 +274,8 @@ def main(argv=None) -> None:
             else:
                 training, flags = method_flags(args, method, mode)
                 name = f"{args.regime.rstrip('%')}-{method}-{seed}"
+                # The backbone is in the name: a run folder is resumed (`--resume`) only by a run of the same one.
+                name = f"{name}-{backbone[:10]}" if method != "scratch" else name
                 tag = "-".join(f"{k}_{v}" for k, v in overrides.items())
                 name = f"{name}-{tag}" if tag else name
                 run = run_finetune_quality(args, data_root, mode, seed, name, overrides, training, flags)
