@@ -262,7 +262,8 @@ def ship(args, results: dict) -> dict:
         sys.exit("error: the ship step needs the pretrain step's results; run --steps pretrain first")
     history = results["pretrain"]["summary"]["history"]
     best = max(history, key=lambda h: h["zero_shot_valid_ndcg@10"]["mean"])
-    source = args.work_dir / "pretrain" / f"checkpoint-epoch-{best['epoch']}"
+    # The history counts epochs from 0; a checkpoint folder is named by the epochs finished (HF's convention).
+    source = args.work_dir / "pretrain" / f"checkpoint-epoch-{best['epoch'] + 1}"
     if not source.exists():
         sys.exit(f"error: {source} is missing (save_every_epochs in the recipe must be 1)")
     model = MissrecForPreTraining.from_pretrained(source)
