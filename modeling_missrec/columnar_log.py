@@ -86,6 +86,8 @@ def _csv_header(path: Path, delimiter: str) -> list[str]:
 def encode_ids(column: pa.ChunkedArray, path: Path, name: str) -> tuple[np.ndarray, pd.Index]:
     """Codes per row (first appearance) and the normalised ids behind them. Raw values that normalise to the
     same id (` a` and `a`, `12` and `12.0`) share a code; a bad id is an error naming its first row."""
+    if pa.types.is_dictionary(column.type):  # a pandas categorical written to Parquet
+        column = column.cast(column.type.value_type)
     if pa.types.is_nested(column.type):
         first = next(i for i, value in enumerate(column.to_pylist()) if value is not None)
         raise ConversionError(

@@ -686,7 +686,7 @@ def _both_readers(tmp_path: Path, log_path: Path, meta_path: Path, **kwargs) -> 
     return outputs[0], outputs[1]
 
 
-@pytest.mark.parametrize("file_format", ["csv", "tsv", "csv.gz", "parquet"])
+@pytest.mark.parametrize("file_format", ["csv", "tsv", "csv.gz", "parquet", "categorical.parquet"])
 def test_columnar_reader_gives_the_pandas_readers_files(tmp_path, file_format):
     # Ids that normalise alike (' u1' and 'u1', 12 and 12.0 in Parquet), leading zeros, ISO and unix times mixed.
     rows = [(f" u{u % 4}" if u % 3 == 0 else f"u{u % 4}", f"0{i % 5}", 1_600_000_000 + 37 * u + i) for u in range(12)
@@ -697,7 +697,9 @@ def test_columnar_reader_gives_the_pandas_readers_files(tmp_path, file_format):
     meta_path = tmp_path / "meta.csv"
     meta.to_csv(meta_path, index=False)
     log_path = tmp_path / f"log.{file_format}"
-    if file_format == "parquet":
+    if file_format == "categorical.parquet":
+        log.astype({"user_id": "category", "item_id": "category", "timestamp": str}).to_parquet(log_path)
+    elif file_format == "parquet":
         log = log.assign(user_id=[float(u.strip()[1:]) for u in log["user_id"]], timestamp=log["timestamp"].astype(str))
         log.to_parquet(log_path)
     else:
