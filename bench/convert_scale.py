@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from common import (
     checkout_env,
     header_markdown,
     markdown_table,
+    peak_rss_mib,
     run_header,
     write_json_atomically,
     write_text_atomically,
@@ -148,7 +148,7 @@ def child(log: str, items: str, out: str, reader: str) -> None:
     stats = convert_main([log, items, "--output_dir", out, "--dataset_name", "Dump", "--text_fields", "title",
                           "--log_reader", reader, "--quiet"])  # fmt: skip
     seconds = time.perf_counter() - started
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = peak_rss_mib()
     output_bytes = sum(p.stat().st_size for p in Path(out).iterdir())
     print(json.dumps({"convert_seconds": seconds, "peak_rss_mib": peak_mib, "output_bytes": output_bytes,
                       "users": stats.users, "items": stats.items, "interactions": stats.interactions,

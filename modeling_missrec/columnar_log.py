@@ -95,7 +95,9 @@ def encode_ids(column: pa.ChunkedArray, path: Path, name: str) -> tuple[np.ndarr
             "id; one interaction per row is expected (explode list-valued columns first)"
         )
     if column.null_count:
-        _bad_id(path, name, pc.is_null(column), "empty or missing id", "every row needs one")
+        _bad_id(
+            path, name, pc.is_null(column).to_numpy(zero_copy_only=False), "empty or missing id", "every row needs one"
+        )
     distinct = pc.unique(column)  # in order of first appearance
     raw_codes = pc.index_in(column, value_set=distinct).to_numpy(zero_copy_only=False).astype(np.int64)
     if pa.types.is_string(distinct.type) or pa.types.is_large_string(distinct.type):
@@ -116,8 +118,7 @@ def encode_ids(column: pa.ChunkedArray, path: Path, name: str) -> tuple[np.ndarr
     return merged[raw_codes].astype(np.int64), pd.Index(unique_names)
 
 
-def _bad_id(path: Path, name: str, rows_mask, problem: str, expectation: str) -> None:
-    mask = np.asarray(rows_mask.to_numpy(zero_copy_only=False) if hasattr(rows_mask, "to_numpy") else rows_mask)
+def _bad_id(path: Path, name: str, mask: np.ndarray, problem: str, expectation: str) -> None:
     first = int(np.argmax(mask))
     raise ConversionError(
         f"{path}: row {first + 1}: {problem} in column {name!r} ({int(mask.sum())} such rows); {expectation}"
@@ -139,7 +140,7 @@ def seconds(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
             if np.isfinite(values).all():
                 return values
     rows = np.arange(1, len(column) + 1, dtype=np.int64)
-    values = pd.Series(column.to_pandas(), copy=False) if not pa.types.is_string(column.type) else None
-    if values is None:
-        values = pd.Series(column.to_numpy(zero_copy_only=False), dtype=object)
+    # Text as Python strings (what the pandas reader sees); other types as pandas converts them.
+    text_type = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    values = pd.Series(column.to_numpy(zero_copy_only=False), dtype=object) if text_type else column.to_pandas()
     return parse_timestamps(values, path, name, rows)

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import write_atomically
-from .columnar_log import read_log
+from .columnar_log import LogColumns, read_log
 from .data import INTER_HEADER, TEXT_HEADER
 from .raw_values import ConversionError, check_columns, is_missing, normalise_ids, parse_timestamps
 
@@ -475,15 +475,9 @@ def _read_metadata(metadata_path, columns, text_fields, metadata_format, on_dupl
 
 
 @dataclass
-class _Log:
-    """The interaction log as codes: users and items by first appearance in the file, timestamps, and which
-    rows are still kept."""
+class _Log(LogColumns):
+    """The interaction log as codes (see `LogColumns`) and which rows are still kept."""
 
-    user_codes: np.ndarray
-    user_names: pd.Index
-    item_codes: np.ndarray
-    item_names: pd.Index
-    times: np.ndarray
     keep: np.ndarray
 
 
@@ -491,26 +485,21 @@ def _read_log(interactions_path, columns, interactions_format, log_reader, drop_
     fmt = detect_format(interactions_path, interactions_format)
     if log_reader == "arrow" and fmt != "jsonl":
         read = read_log(interactions_path, columns.user, columns.item, columns.time, fmt)
-        user_codes, user_names, item_codes, item_names, times = (
-            read.user_codes, read.user_names, read.item_codes, read.item_names, read.times
-        )  # fmt: skip
     else:
-        user_codes, user_names, item_codes, item_names, times = _read_log_with_pandas(
-            interactions_path, columns, interactions_format
-        )
-    stats.interactions_read = len(user_codes)
-    keep = np.ones(len(user_codes), dtype=bool)
-    triples = pd.DataFrame({"u": user_codes, "i": item_codes, "t": times})
+        read = _read_log_with_pandas(interactions_path, columns, interactions_format)
+    stats.interactions_read = len(read.user_codes)
+    keep = np.ones(len(read.user_codes), dtype=bool)
+    triples = pd.DataFrame({"u": read.user_codes, "i": read.item_codes, "t": read.times})
     repeats = triples.duplicated(keep="first").to_numpy()
     stats.duplicate_interactions = int(repeats.sum())
     if drop_duplicate_interactions and repeats.any():
         keep &= ~repeats
         stats.duplicate_interactions_dropped = stats.duplicate_interactions
         logger.info("dropped %d exact duplicate interactions", stats.duplicate_interactions)
-    return _Log(user_codes, user_names, item_codes, item_names, times, keep)
+    return _Log(**vars(read), keep=keep)
 
 
-def _read_log_with_pandas(interactions_path, columns, interactions_format):
+def _read_log_with_pandas(interactions_path, columns, interactions_format) -> LogColumns:
     """The reference reader (and the one for JSON Lines): one Python string per cell."""
     log, rows = read_table(
         interactions_path,
@@ -525,7 +514,7 @@ def _read_log_with_pandas(interactions_path, columns, interactions_format):
     del log
     user_codes, user_names = pd.factorize(users)  # codes in order of first appearance in the file
     item_codes, item_names = pd.factorize(items)
-    return user_codes, user_names, item_codes, item_names, times
+    return LogColumns(user_codes, user_names, item_codes, item_names, times)
 
 
 def _keep_items_with_metadata(log: _Log, meta_position, interactions_path, metadata_path, columns, stats):
@@ -657,26 +646,17 @@ class _SplitLines:
     max_seq_length: int
 
     def blocks(self, split: str):
-        """A re-iterable of text blocks, `USERS_PER_WRITE` users' lines of `split` each."""
-        return _Blocks(self, split)
+        """The lines of `split` as text blocks of `USERS_PER_WRITE` users each (written one at a time)."""
+        users = len(self.starts)
+        for first in range(0, users, USERS_PER_WRITE):
+            block = range(first, min(first + USERS_PER_WRITE, users))
+            yield "".join(line for user in block for line in self.user_lines(user, split))
 
     def user_lines(self, user: int, split: str) -> list[str]:
         sequence = self.tokens[self.starts[user] : self.ends[user]].tolist()
         n, length, name = len(sequence), self.max_seq_length, str(user)
         positions = {"train": range(1, n - 2), "valid": (n - 2,), "test": (n - 1,)}[split]
         return [f"{name}\t{' '.join(sequence[max(0, t - length) : t])}\t{sequence[t]}\n" for t in positions]
-
-
-@dataclass
-class _Blocks:
-    lines: _SplitLines
-    split: str
-
-    def __iter__(self):
-        users = len(self.lines.starts)
-        for first in range(0, users, USERS_PER_WRITE):
-            block = range(first, min(first + USERS_PER_WRITE, users))
-            yield "".join(line for user in block for line in self.lines.user_lines(user, self.split))
 
 
 def _texts_and_images(kept_meta, field_columns, text_fields, columns, max_text_length, stats):

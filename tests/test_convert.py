@@ -711,13 +711,11 @@ def test_columnar_reader_gives_the_pandas_readers_files(tmp_path, file_format):
 
 
 def test_columnar_reader_names_the_first_bad_row_like_the_pandas_reader(tmp_path):
-    for cell, message in [("", r"row 3: empty or missing id in column 'user_id' \(1 such rows\)")]:
-        rows = [("u1", "A", 1), ("u2", "B", 2), (cell, "C", 3), ("u4", "D", 4)]
-        write_csv_inputs(tmp_path, log_frame(rows))
-        for reader in ("pandas", "arrow"):
-            with pytest.raises(ConversionError, match=message):
-                convert_interactions(tmp_path / "log.csv", tmp_path / "meta.csv", tmp_path / "out", "X",
-                                     log_reader=reader)  # fmt: skip
+    rows = [("u1", "A", 1), ("u2", "B", 2), ("", "C", 3), ("u4", "D", 4)]
+    write_csv_inputs(tmp_path, log_frame(rows))
+    for reader in ("pandas", "arrow"):
+        with pytest.raises(ConversionError, match=r"row 3: empty or missing id in column 'user_id' \(1 such rows\)"):
+            convert_interactions(tmp_path / "log.csv", tmp_path / "meta.csv", tmp_path / "out", "X", log_reader=reader)
     rows = [("u1", "A", 1), ("u2", "B", "soon"), ("u3", "C", 3)]
     write_csv_inputs(tmp_path, log_frame(rows))
     for reader in ("pandas", "arrow"):
