@@ -13,16 +13,21 @@ The fused score is the model's (`MissrecFusionHead`, dynamic fusion with factor 
   exact      `streaming_topk` over every item in blocks (what `MissrecRecommender(index="exact")` does)
   <kind>     `FusedScoreRetriever` with that list kind (torch, faiss-flat: exact lists, certified; faiss-ivf,
              faiss-hnsw: approximate lists), starting at C = `--initial_candidates`
-Figures: list build seconds and bytes, single-query latency p50/p99 over `--queries` queries, batch-of-1024
-latency and queries/s, recall@10 against the exact scan, the share of queries certified at the first C,
-and the mean final C. Results: stdout, `<output_dir>/serve.json` and `.md` (with the command, machine, date
-and commit), each size written as soon as it is done.
+Figures (record keys in brackets): list build seconds (`build_s`) and size (`memory_mb`, 10^6 bytes),
+single-query latency p50/p99 over `--queries` queries (`latency_ms_p50`, `latency_ms_p99`), batch-of-1024
+latency and queries/s (`batch_ms`, `queries_per_s`), recall@k against the exact scan (`recall@10`), the share
+of single queries whose answer is certified (`certified`; by construction 1 for exact lists, and for
+approximate lists a certificate about the lists that were returned, not about the catalogue), the share
+certified at the first C (`certified_at_first_c`) and the mean final C. Results: stdout,
+`<output_dir>/serve.json` and `.md` (with the command, machine, date and commit), each size written as soon
+as it is done, and `serve.png` (latency and recall against catalogue size) when matplotlib is installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,7 +118,7 @@ def timed(function, repeats: int) -> list[float]:
 
 def latency_summary(seconds: list[float]) -> dict:
     values = np.asarray(seconds) * 1000
-    return {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99))}
+    return {"latency_ms_p50": float(np.percentile(values, 50)), "latency_ms_p99": float(np.percentile(values, 99))}
 
 
 def list_bytes(retriever: FusedScoreRetriever) -> int:
@@ -140,12 +145,13 @@ def run_size(args, num_items: int) -> list[dict]:
     batch = queries_like(centres, BATCH, args.noise, args.seed + 2)
     truth_scores, truth_ids = exact_search(items, head, singles, args.k)
     records = []
-    exact = {"num_items": num_items, "kind": "exact", "build_seconds": 0.0, "list_bytes": 0}
+    recall_key = f"recall@{args.k}"
+    exact = {"num_items": num_items, "index": "exact", "build_s": 0.0, "memory_mb": 0.0}
     exact.update(latency_summary(timed(lambda: exact_search(items, head, singles[:1], args.k), min(args.queries, 20))))
     if not args.skip_batch:
         batch_seconds = timed(lambda: exact_search(items, head, batch, args.k), 1)[0]
-        exact.update(batch_ms=batch_seconds * 1000, batch_queries_per_second=BATCH / batch_seconds)
-    exact.update(recall_at_k=1.0, certified_at_first_c=None, mean_final_c=None)
+        exact.update(batch_ms=batch_seconds * 1000, queries_per_s=BATCH / batch_seconds)
+    exact.update({recall_key: 1.0, "certified": 1.0, "certified_at_first_c": None, "mean_final_c": None})
     records.append(exact)
     print(format_record(exact), flush=True)
     for kind in args.kinds:
@@ -153,8 +159,8 @@ def run_size(args, num_items: int) -> list[dict]:
         options.update({"ef_search": args.ef_search} if kind == "faiss-hnsw" else {})
         started = time.perf_counter()
         retriever = FusedScoreRetriever(items, head, kind, args.initial_candidates, **options)
-        record = {"num_items": num_items, "kind": kind, "build_seconds": time.perf_counter() - started}
-        record["list_bytes"] = list_bytes(retriever)
+        record = {"num_items": num_items, "index": kind, "build_s": time.perf_counter() - started}
+        record["memory_mb"] = list_bytes(retriever) / 1e6
         per_query, results = [], []
         for row in range(args.queries):
             started = time.perf_counter()
@@ -163,12 +169,13 @@ def run_size(args, num_items: int) -> list[dict]:
         record.update(latency_summary(per_query))
         found = torch.cat([r.item_ids for r in results])
         final_c = torch.cat([r.candidates for r in results])
-        record["recall_at_k"] = recall(found, truth_ids)
+        record[recall_key] = recall(found, truth_ids)
+        record["certified"] = float(torch.cat([r.certified for r in results]).float().mean())
         record["certified_at_first_c"] = float((final_c == max(args.initial_candidates, args.k)).float().mean())
         record["mean_final_c"] = float(final_c.float().mean())
         if not args.skip_batch:
             batch_seconds = timed(lambda retriever=retriever: retriever.search(batch, args.k), 1)[0]
-            record.update(batch_ms=batch_seconds * 1000, batch_queries_per_second=BATCH / batch_seconds)
+            record.update(batch_ms=batch_seconds * 1000, queries_per_s=BATCH / batch_seconds)
         records.append(record)
         print(format_record(record), flush=True)
         del retriever
@@ -178,12 +185,17 @@ def run_size(args, num_items: int) -> list[dict]:
     return records
 
 
+def recall_key(record: dict) -> str:
+    return next(key for key in record if key.startswith("recall@"))
+
+
 def format_record(r: dict) -> str:
-    batch = f", batch {r['batch_ms']:.0f} ms ({r['batch_queries_per_second']:.0f} q/s)" if "batch_ms" in r else ""
+    batch = f", batch {r['batch_ms']:.0f} ms ({r['queries_per_s']:.0f} q/s)" if "batch_ms" in r else ""
     certified = "" if r["certified_at_first_c"] is None else f", certified at first C {r['certified_at_first_c']:.2f}"
     return (
-        f"{r['num_items']:>10,} {r['kind']:<11} build {r['build_seconds']:.1f} s, {r['list_bytes'] / 2**20:.0f} MiB, "
-        f"single p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms{batch}, recall@k {r['recall_at_k']:.4f}{certified}"
+        f"{r['num_items']:>10,} {r['index']:<11} build {r['build_s']:.1f} s, {r['memory_mb']:.0f} MB, "
+        f"single p50 {r['latency_ms_p50']:.2f} ms p99 {r['latency_ms_p99']:.2f} ms{batch}, "
+        f"{recall_key(r)} {r[recall_key(r)]:.4f}, certified {r['certified']:.2f}{certified}"
     )
 
 
@@ -197,17 +209,47 @@ def render(records: list[dict], header: dict, args) -> str:
     ]
     rows = [
         [
-            f"{r['num_items']:,}", r["kind"], f"{r['build_seconds']:.1f}", f"{r['list_bytes'] / 2**20:.0f}",
-            f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r.get('batch_ms', float('nan')):.0f}",
-            f"{r.get('batch_queries_per_second', float('nan')):.0f}", f"{r['recall_at_k']:.4f}",
+            f"{r['num_items']:,}", r["index"], f"{r['build_s']:.1f}", f"{r['memory_mb']:.0f}",
+            f"{r['latency_ms_p50']:.2f}", f"{r['latency_ms_p99']:.2f}", f"{r.get('batch_ms', float('nan')):.0f}",
+            f"{r.get('queries_per_s', float('nan')):.0f}", f"{r[recall_key(r)]:.4f}", f"{r['certified']:.2f}",
             "" if r["certified_at_first_c"] is None else f"{r['certified_at_first_c']:.2f}",
             "" if r["mean_final_c"] is None else f"{r['mean_final_c']:.0f}",
+            f"{r['peak_rss_mib']:.0f}",
         ]
         for r in records
     ]  # fmt: skip
-    headers = ["items", "kind", "build s", "lists MiB", "single p50 ms", "single p99 ms", "batch-1024 ms", "q/s",
-               "recall@k", "certified at first C", "mean final C"]  # fmt: skip
+    headers = ["items", "index", "build s", "lists MB", "single p50 ms", "single p99 ms", "batch-1024 ms", "q/s",
+               f"recall@{args.k}", "certified", "certified at first C", "mean final C", "peak RSS MiB"]  # fmt: skip
     return "\n".join([*lines, markdown_table(headers, rows)]) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> bool:
+    """Single-query p50 latency and recall against catalogue size, one line per index."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
+        return False
+    figure, (latency_axis, recall_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for index in dict.fromkeys(r["index"] for r in records):
+        rows = [r for r in records if r["index"] == index]
+        sizes = [r["num_items"] for r in rows]
+        latency_axis.loglog(sizes, [r["latency_ms_p50"] for r in rows], "o-", label=index)
+        recall_axis.semilogx(sizes, [r[recall_key(r)] for r in rows], "o-", label=index)
+    latency_axis.axhline(10, color="grey", linestyle=":", label="10 ms goal")
+    latency_axis.set(xlabel="catalogue size (items)", ylabel="single-query latency p50 (ms)")
+    recall_axis.set(xlabel="catalogue size (items)", ylabel=recall_key(records[0]) + " vs the exact scan")
+    latency_axis.legend()
+    recall_axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=100)
+    os.replace(temporary, path)
+    return True
 
 
 def main(argv=None) -> None:
@@ -227,6 +269,7 @@ def main(argv=None) -> None:
         payload = {"meta": header, "settings": vars(args), "records": records}
         write_json_atomically(args.output_dir / "serve.json", payload)
         write_text_atomically(args.output_dir / "serve.md", render(records, header, args))
+        plot(records, args.output_dir / "serve.png")
     print(f"written: {args.output_dir / 'serve.json'} and {args.output_dir / 'serve.md'}")
 
 
