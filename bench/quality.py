@@ -115,6 +115,12 @@ CONFIGS: dict[str, dict] = {
         "model": {"interest_ratio": 1.0},
         "training": {},
     },
+    "sampled_2048": {
+        "about": "sampled softmax: the batch's targets and 2,048 uniform negatives per step, logQ-corrected "
+        "(the full softmax over the catalogue)",
+        "model": {"loss_type": "sampled", "num_negatives": 2048},
+        "training": {},
+    },
     "default_bf16": {
         "about": "the defaults with bf16 autocast in training",
         "model": {},

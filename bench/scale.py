@@ -340,6 +340,22 @@ def run_case_in_subprocess(case: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ report
+def sampled_speedups(train: list[dict]) -> list[str]:
+    """One line per (size, device, precision) measured with both losses: sampled over full samples/s."""
+    speed = {
+        (r["num_items"], r["device"], r["precision"], r.get("loss", "full")): r["train_samples_per_s"]
+        for r in train
+        if "train_samples_per_s" in r
+    }
+    lines = [
+        f"- {n:,} items, {device}, {precision}: sampled softmax {speed[(n, device, precision, 'sampled')] / full:.1f}x "
+        "the full softmax's training samples/s"
+        for (n, device, precision, loss), full in speed.items()
+        if loss == "full" and (n, device, precision, "sampled") in speed
+    ]
+    return ["", *lines] if lines else []
+
+
 def render(header: dict, records: list[dict]) -> str:
     lines = ["# missrec at scale: synthetic Amazon-like catalogues", "", header_markdown(header), ""]
     train = [r for r in records if r["kind"] == "train_eval"]
@@ -376,6 +392,7 @@ def render(header: dict, records: list[dict]) -> str:
             "train peak GPU MiB",
         ]
         lines += ["## Training and full-ranking evaluation", "", markdown_table(headers, rows)]
+        lines += sampled_speedups(train)
     kmeans = [r for r in records if r["kind"] == "kmeans"]
     if kmeans:
         rows = [
@@ -416,29 +433,36 @@ def plot(records: list[dict], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
         return False
-    rows = [
-        r
-        for r in records
-        if r.get("kind") == "train_eval" and r["precision"] == "no" and r.get("loss", "full") == "full"
-    ]
-    if len(rows) < 2:
+    rows = [r for r in records if r.get("kind") == "train_eval" and r["precision"] == "no" and "error" not in r]
+    full = [r for r in rows if r.get("loss", "full") == "full"]
+    if len({r["num_items"] for r in rows}) < 2:
         return False
-    sizes = [r["num_items"] for r in rows]
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    time_axis.loglog(
-        sizes, [1e3 * r["batch_size"] / r["train_samples_per_s"] for r in rows], "o-", label="train step (ms)"
-    )
-    time_axis.loglog(sizes, [1e3 * 1000 / r["eval_users_per_s"] for r in rows], "s-", label="eval, 1000 users (ms)")
+    for loss in dict.fromkeys(r.get("loss", "full") for r in rows):
+        lines = [r for r in rows if r.get("loss", "full") == loss]
+        time_axis.loglog(
+            [r["num_items"] for r in lines],
+            [1e3 * r["batch_size"] / r["train_samples_per_s"] for r in lines],
+            "o-",
+            label=f"train step, {loss} softmax (ms)",
+        )
+    sizes = [r["num_items"] for r in full]
+    time_axis.loglog(sizes, [1e3 * 1000 / r["eval_users_per_s"] for r in full], "s-", label="eval, 1000 users (ms)")
     time_axis.set_xlabel("catalogue size (items)")
     time_axis.legend()
-    memory_axis.semilogx(sizes, [r["eval_added_memory_mib"] for r in rows], "s-", label="evaluation, added (MiB)")
-    memory_axis.semilogx(sizes, [r["peak_rss_mib"] for r in rows], "o-", label="process peak RSS (MiB)")
+    memory_axis.semilogx(sizes, [r["eval_added_memory_mib"] for r in full], "s-", label="evaluation, added (MiB)")
+    for loss in dict.fromkeys(r.get("loss", "full") for r in rows):
+        lines = [r for r in rows if r.get("loss", "full") == loss]
+        memory_axis.semilogx(
+            [r["num_items"] for r in lines], [r["peak_rss_mib"] for r in lines], "o-", label=f"peak RSS, {loss} (MiB)"
+        )
     memory_axis.set_xlabel("catalogue size (items)")
     memory_axis.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(temporary, dpi=100)
+    plt.close(figure)
     os.replace(temporary, path)
     return True
 
@@ -454,6 +478,15 @@ def main(argv=None) -> list[dict]:
     header = run_header(args.device)
     common = {"device": args.device, "seed": args.seed}
     records = []
+
+    def write(final: bool = False) -> None:  # after every case, so that a stop loses one case at most
+        report = render(header, records)
+        if final:
+            print(report)
+        write_json_atomically(args.output_dir / f"{args.output_name}.json", {"meta": header, "records": records})
+        write_text_atomically(args.output_dir / f"{args.output_name}.md", report)
+        plot(records, args.output_dir / f"{args.output_name}.png")
+
     for n in args.num_items:
         for precision, loss in ((p, lo) for p in args.precisions for lo in args.losses):
             case = {
@@ -475,15 +508,13 @@ def main(argv=None) -> list[dict]:
                 "eval_users": args.eval_users,
             }
             records.append(run_case_in_subprocess(case))
+            write()
     for points in args.kmeans:
         for init in args.kmeans_init:
             case = {"kind": "kmeans", **common, "points": points, "init": init, "iterations": args.kmeans_iterations}
             records.append(run_case_in_subprocess(case))
-    report = render(header, records)
-    print(report)
-    write_json_atomically(args.output_dir / f"{args.output_name}.json", {"meta": header, "records": records})
-    write_text_atomically(args.output_dir / f"{args.output_name}.md", report)
-    plot(records, args.output_dir / f"{args.output_name}.png")
+            write()
+    write(final=True)
     return records
 
 

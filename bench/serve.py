@@ -248,6 +248,7 @@ def plot(records: list[dict], path: Path) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(temporary, dpi=100)
+    plt.close(figure)
     os.replace(temporary, path)
     return True
 
