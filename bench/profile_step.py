@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_trainer(args, output_dir: str):
     from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
+    from modeling_missrec.data import ItemCatalog
     from modeling_missrec.trainer import MissrecTrainer
     from modeling_missrec.training_args import TrainingArguments
 
@@ -75,7 +76,7 @@ def build_trainer(args, output_dir: str):
         disable_tqdm=True,
         max_steps_per_epoch=args.warmup_steps,
     )
-    return MissrecTrainer(model, splits, None, training)
+    return MissrecTrainer(model, splits, ItemCatalog([str(i) for i in range(args.num_items)]), training)
 
 
 def summarise(prof, steps: int, wall: float, top: int, device: str) -> str:

@@ -223,7 +223,8 @@ def run_train_eval_case(case: dict) -> dict:
     )
     model = MissrecForSequentialRecommendation(config)
     model.load_item_features(catalog.features, catalog.present)
-    del features, catalog
+    del features
+    catalog = ItemCatalog(catalog.raw_item_ids)  # the trainer needs the ids and their count, not the features
     k = random_interest_state(model, case["seed"])
     prepared = time.perf_counter()
 
@@ -239,7 +240,7 @@ def run_train_eval_case(case: dict) -> dict:
             disable_tqdm=True,
             max_steps_per_epoch=case["warmup_steps"],
         )
-        trainer = MissrecTrainer(model, splits, None, args)
+        trainer = MissrecTrainer(model, splits, catalog, args)
         if trainer.accelerator.device.type != torch.device(device).type:
             raise RuntimeError(f"asked for {device}, the trainer runs on {trainer.accelerator.device}")
 
@@ -366,7 +367,7 @@ def render(header: dict, records: list[dict]) -> str:
                 r.get("train_rows", ""),
                 r["device"],
                 r["precision"],
-                r.get("loss", "full") + (f" ({r['num_negatives']})" if r.get("num_negatives") else ""),
+                r.get("loss", "full") + (f" ({r['num_negatives']})" if r.get("loss") == "sampled" else ""),
                 r.get("train_samples_per_s", r.get("error")),
                 r.get("eval_users_per_s"),
                 r.get("eval_seconds"),
