@@ -17,6 +17,10 @@ Datasets (under the shared data root):
                    HR@10 0.1282 / NDCG@10 0.0711, inductive HR@10 0.1269 / NDCG@10 0.0659.
   scientific_mm    <root>/scientific_mm: text = Scientific.feat1CLS, image = Scientific.feat3CLS (raw float32,
                    512 each; every item has both).
+  games            the Games domain of <root>/amazon_pretrain converted to a benchmark set (5-core, leave-one-out)
+                   with MiniLM title features by `bench/pretrain_amazon5.py --steps convert features --domains
+                   Games`: pass its folder with --dataset_dir (`bench/peers.py` does); text = Games.text_minilm.npy
+                   (384), no image.
 Modes: transductive (item ID table + content) and inductive (content only).
 
 Results: `<output_dir>/finetune_quality.json` = {"meta": {...}, "records": [...]}, one record per (dataset,
@@ -76,6 +80,7 @@ DATASETS = {
         "text_features": "Scientific.feat1CLS",
         "image_features": "Scientific.feat3CLS",
     },
+    "games": {"folder": "Games", "text_features": "Games.text_minilm.npy", "image_features": None},
 }
 MODES = ("transductive", "inductive")
 METRIC_KEYS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
@@ -98,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS), help="Datasets.")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="Modes.")
+    parser.add_argument(
+        "--dataset_dir", type=Path, default=None, help="Folder of the (one) dataset instead of <data_root>/<folder>."
+    )
     parser.add_argument("--num_train_epochs", type=int, default=300, help="Maximum epochs per run.")
     parser.add_argument(
         "--early_stopping_patience", type=int, default=10, help="Evaluations without improvement before stopping."
@@ -206,9 +214,10 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
         chosen = getattr(args, f"{modality}_features")
         if chosen is not None:
             spec[f"{modality}_features"] = chosen or None
-    data_dir = data_root / spec["folder"]
+    data_dir = args.dataset_dir or data_root / spec["folder"]
     if not data_dir.is_dir():
-        sys.exit(f"error: {data_dir} not found: the shared data root {data_root} has no {spec['folder']}/ folder.")
+        where = "--dataset_dir" if args.dataset_dir else f"the shared data root {data_root} has no {spec['folder']}/"
+        sys.exit(f"error: {data_dir} not found ({where}).")
     run_dir = Path(args.work_dir) / f"{name}-{mode}"
     resume = args.resume and has_checkpoint(run_dir)
     if run_dir.exists() and not resume:
@@ -424,6 +433,8 @@ def print_table(results: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.dataset_dir is not None and len(args.datasets) != 1:
+        sys.exit("error: --dataset_dir is the folder of one dataset: name that one with --datasets")
     data_root = resolve_data_root(args.data_root)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -4,6 +4,13 @@
     export MISSREC_SHARED_DATA=/path/to/shared/data         # or --data_root
     python bench/peers.py                                    # both sets, SASRec + missrec (both modes): long
     python bench/peers.py --datasets scientific_mm --epochs 3 --output_dir /tmp/peers    # a smoke run
+    python bench/peers.py --datasets games                   # the Games domain (16.9k items, mean history 7)
+
+Sets: scientific_mm and scientific_full of the shared data, and `games`: the Games domain of
+`<root>/amazon_pretrain` (raw logs) converted to a 5-core leave-one-out benchmark set with MiniLM title
+features by `bench/pretrain_amazon5.py --steps convert features --domains Games` into `--amazon5_dir` (reused
+when it is there, so the pre-training corpus and this bench share it): a larger catalogue with longer
+histories than Scientific's. missrec uses the titles (text only); SASRec the item ids.
 
 Protocol, the same for every model: the benchmark leave-one-out files of each set, full ranking over all items
 (standard @K: HR@K, NDCG@K at K = 10, 50), full-softmax cross-entropy, max length 50, Adam lr 1e-3, batch 512,
@@ -46,7 +53,8 @@ from common import (
     write_text_atomically,
 )
 
-DATASETS = ("scientific_mm", "scientific_full")
+DATASETS = ("scientific_mm", "scientific_full", "games")
+ATOMIC_NAMES = {"scientific_mm": "Scientific", "scientific_full": "Scientific", "games": "Games"}
 MODELS = ("sasrec", "missrec-transductive", "missrec-inductive")
 RECBOLE_VENV = BENCH_DIR / ".venv-recbole"
 RECBOLE_PACKAGES = ["torch==2.13.0", "recbole==1.2.1", "numpy<2", "pandas<3", "setuptools<81"]
@@ -61,6 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=300, help="Epoch cap of every model.")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads, all.")
     parser.add_argument("--work_dir", type=Path, default=BENCH_DIR / "scratch" / "peers", help="Scratch folder.")
+    parser.add_argument(
+        "--amazon5_dir",
+        type=Path,
+        default=BENCH_DIR / "scratch" / "amazon5",
+        help="Where bench/pretrain_amazon5.py converts the Games domain (its --work_dir).",
+    )
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_RESULTS_DIR, help="Where results are written.")
     return parser.parse_args(argv)
 
@@ -89,11 +103,26 @@ def run_json(command: list[str], env: dict, log: Path) -> dict:
     return result
 
 
-def run_sasrec(dataset: str, data_root: Path, args, env: dict) -> dict:
+def dataset_dir(dataset: str, args, env: dict) -> Path:
+    """The set's atomic folder; Games is converted (and featurised) by the pre-training recipe on first use."""
+    if dataset != "games":
+        return args.data_root_resolved / dataset
+    folder = args.amazon5_dir / "Games"
+    command = [
+        sys.executable, str(BENCH_DIR / "pretrain_amazon5.py"), "--data_root", str(args.data_root_resolved),
+        "--steps", "convert", "features", "--domains", "Games", "--work_dir", str(args.amazon5_dir),
+        "--output_dir", str(args.work_dir / "amazon5-games"),
+    ]  # fmt: skip
+    print(f"-> {' '.join(command)}", flush=True)
+    subprocess.run(command, env=env, check=True)  # idempotent: a no-op once the folder is there
+    return folder
+
+
+def run_sasrec(dataset: str, args, env: dict) -> dict:
     python = ensure_recbole_venv()
     command = [
         str(python), str(BENCH_DIR / "recbole_sasrec.py"),
-        "--data_dir", str(data_root / dataset), "--dataset", "Scientific",
+        "--data_dir", str(dataset_dir(dataset, args, env)), "--dataset", ATOMIC_NAMES[dataset],
         "--work_dir", str(args.work_dir / f"sasrec-{dataset}"),
         "--threads", str(args.threads), "--epochs", str(args.epochs),
     ]  # fmt: skip
@@ -108,6 +137,7 @@ def run_missrec(dataset: str, mode: str, args, env: dict) -> dict:
     command = [
         sys.executable, str(BENCH_DIR / "finetune_quality.py"),
         "--data_root", str(args.data_root_resolved), "--datasets", dataset, "--modes", mode,
+        "--dataset_dir", str(dataset_dir(dataset, args, env)),
         "--num_train_epochs", str(args.epochs), "--num_threads", str(args.threads),
         "--output_dir", str(out / "results"), "--work_dir", str(out / "work"), "--print_json",
     ]  # fmt: skip
@@ -200,7 +230,7 @@ def main(argv=None) -> list[dict]:
     for dataset in args.datasets:
         for model in args.models:
             if model == "sasrec":
-                records.append(run_sasrec(dataset, args.data_root_resolved, args, env))
+                records.append(run_sasrec(dataset, args, env))
             else:
                 records.append(run_missrec(dataset, model.split("-", 1)[1], args, env))
             ratio_rows = ratios(records)
