@@ -51,7 +51,9 @@ from common import (
     header_markdown,
     markdown_table,
     peak_rss_mib,
+    pyplot,
     run_header,
+    save_figure_atomically,
     synchronize,
     write_json_atomically,
     write_text_atomically,
@@ -426,13 +428,8 @@ def render(header: dict, records: list[dict]) -> str:
 
 
 def plot(records: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
+    plt = pyplot()
+    if plt is None:
         return False
     rows = [r for r in records if r.get("kind") == "train_eval" and r["precision"] == "no" and "error" not in r]
     full = [r for r in rows if r.get("loss", "full") == "full"]
@@ -460,11 +457,7 @@ def plot(records: list[dict], path: Path) -> bool:
     memory_axis.set_xlabel("catalogue size (items)")
     memory_axis.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_figure_atomically(figure, path)
     return True
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,9 @@ from common import (
     header_markdown,
     markdown_table,
     peak_rss_mib,
+    pyplot,
     run_header,
+    save_figure_atomically,
     write_json_atomically,
     write_text_atomically,
 )
@@ -225,13 +226,8 @@ def render(records: list[dict], header: dict, args) -> str:
 
 def plot(records: list[dict], path: Path) -> bool:
     """Single-query p50 latency and recall against catalogue size, one line per index."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
+    plt = pyplot()
+    if plt is None:
         return False
     figure, (latency_axis, recall_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for index in dict.fromkeys(r["index"] for r in records):
@@ -245,11 +241,7 @@ def plot(records: list[dict], path: Path) -> bool:
     latency_axis.legend()
     recall_axis.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_figure_atomically(figure, path)
     return True
 
 
