@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import io
 import json
 import os
 import platform
@@ -15,12 +17,17 @@ import resource
 import shlex
 import subprocess
 import sys
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from modeling_missrec.atomic import write_atomically
+
+if TYPE_CHECKING:
+    import matplotlib.figure
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -154,8 +161,9 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend, or None (and a note) when matplotlib is not installed."""
+@functools.cache
+def pyplot() -> types.ModuleType | None:
+    """matplotlib's pyplot on the file-only Agg backend, or None (and a note, once) without matplotlib."""
     try:
         import matplotlib
 
@@ -167,15 +175,17 @@ def pyplot():
     return plt
 
 
-def save_figure_atomically(figure, path: Path) -> None:
-    """Write a matplotlib figure as PNG through a temporary file and a rename, then free it."""
+def save_figure_atomically(figure: matplotlib.figure.Figure, path: Path) -> None:
+    """Write a figure as PNG, whole (`write_atomically`), and free it."""
     import matplotlib.pyplot as plt
 
+    buffer = io.BytesIO()
+    try:
+        figure.savefig(buffer, format="png", dpi=100)
+    finally:
+        plt.close(figure)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
+    write_atomically(path, buffer.getvalue())
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -38,7 +38,7 @@ from common import (
     write_json_atomically,
     write_text_atomically,
 )
-from finetune_quality import DATASETS, MODES
+from finetune_quality import DATASETS, MODES, SCIENTIFIC
 
 from modeling_missrec import MissrecForSequentialRecommendation
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog
@@ -50,7 +50,7 @@ from modeling_missrec.transfer import build_model
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_root", default=None, help="Shared data root (default: $MISSREC_SHARED_DATA).")
-    parser.add_argument("--datasets", nargs="+", default=["scientific_mm"], choices=sorted(DATASETS), help="Sets.")
+    parser.add_argument("--datasets", nargs="+", default=["scientific_mm"], choices=sorted(SCIENTIFIC), help="Sets.")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="Model modes.")
     parser.add_argument("--model_dir", default=None, help="A trained model folder to load instead (one set, mode).")
     parser.add_argument("--eval_batch_size", type=int, default=1024, help="Users per evaluation batch.")

@@ -2,7 +2,7 @@
 """Quality of MISSRec fine-tuned from scratch on the shared Scientific sets, through the real training path.
 
     export MISSREC_SHARED_DATA=/path/to/shared/data          # or pass --data_root
-    python bench/finetune_quality.py                                            # all 4 runs (long)
+    python bench/finetune_quality.py                                            # the 4 Scientific runs (long)
     python bench/finetune_quality.py --datasets scientific_mm --modes inductive # one run; earlier ones are kept
 
 Each (dataset, mode) run builds the model with `build_model` and trains it with `MissrecTrainer(...).train()`
@@ -18,9 +18,9 @@ Datasets (under the shared data root):
   scientific_mm    <root>/scientific_mm: text = Scientific.feat1CLS, image = Scientific.feat3CLS (raw float32,
                    512 each; every item has both).
   games            the Games domain of <root>/amazon_pretrain converted to a benchmark set (5-core, leave-one-out)
-                   with MiniLM title features by `bench/pretrain_amazon5.py --steps convert features --domains
-                   Games`: pass its folder with --dataset_dir (`bench/peers.py` does); text = Games.text_minilm.npy
-                   (384), no image.
+                   with MiniLM features of its title, categories and brand by `bench/pretrain_amazon5.py --steps
+                   convert features --domains Games`: pass its folder with --dataset_dir (`bench/peers.py` does);
+                   text = Games.text_minilm.npy (384), no image.
 Modes: transductive (item ID table + content) and inductive (content only).
 
 Results: `<output_dir>/finetune_quality.json` = {"meta": {...}, "records": [...]}, one record per (dataset,
@@ -82,6 +82,7 @@ DATASETS = {
     },
     "games": {"folder": "Games", "text_features": "Games.text_minilm.npy", "image_features": None},
 }
+SCIENTIFIC = ("scientific_full", "scientific_mm")  # in the shared data; games is converted by the bench first
 MODES = ("transductive", "inductive")
 METRIC_KEYS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50")
 RESULT_NAME = "finetune_quality"
@@ -101,7 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="Shared data folder holding scientific_full/ and scientific_mm/ (default: $MISSREC_SHARED_DATA).",
     )
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS), help="Datasets.")
+    parser.add_argument(
+        "--datasets", nargs="+", default=list(SCIENTIFIC), choices=list(DATASETS), help="Sets (games: --dataset_dir)."
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="Modes.")
     parser.add_argument(
         "--dataset_dir", type=Path, default=None, help="Folder of the (one) dataset instead of <data_root>/<folder>."
@@ -435,6 +438,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.dataset_dir is not None and len(args.datasets) != 1:
         sys.exit("error: --dataset_dir is the folder of one dataset: name that one with --datasets")
+    if "games" in args.datasets and args.dataset_dir is None:
+        sys.exit(
+            "error: games is not in the shared data as a benchmark set: convert it (bench/pretrain_amazon5.py "
+            "--steps convert features --domains Games) and pass its folder with --dataset_dir"
+        )
     data_root = resolve_data_root(args.data_root)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -2,15 +2,15 @@
 """missrec against RecBole's SASRec, in the same run on the same machine with the same thread count.
 
     export MISSREC_SHARED_DATA=/path/to/shared/data         # or --data_root
-    python bench/peers.py                                    # both sets, SASRec + missrec (both modes): long
+    python bench/peers.py                                    # all three sets, SASRec + missrec (both modes): long
     python bench/peers.py --datasets scientific_mm --epochs 3 --output_dir /tmp/peers    # a smoke run
-    python bench/peers.py --datasets games                   # the Games domain (16.9k items, mean history 7)
+    python bench/peers.py --datasets games                   # the Games domain (16.4k items, mean history 7)
 
 Sets: scientific_mm and scientific_full of the shared data, and `games`: the Games domain of
-`<root>/amazon_pretrain` (raw logs) converted to a 5-core leave-one-out benchmark set with MiniLM title
-features by `bench/pretrain_amazon5.py --steps convert features --domains Games` into `--amazon5_dir` (reused
-when it is there, so the pre-training corpus and this bench share it): a larger catalogue with longer
-histories than Scientific's. missrec uses the titles (text only); SASRec the item ids.
+`<root>/amazon_pretrain` (raw logs) converted to a 5-core leave-one-out benchmark set with MiniLM features of
+its title, categories and brand by `bench/pretrain_amazon5.py --steps convert features --domains Games` into
+`--amazon5_dir` (reused when it is there, so the pre-training corpus and this bench share it): a larger
+catalogue with longer histories than Scientific's. missrec uses that text (no image); SASRec the item ids.
 
 Protocol, the same for every model: the benchmark leave-one-out files of each set, full ranking over all items
 (standard @K: HR@K, NDCG@K at K = 10, 50), full-softmax cross-entropy, max length 50, Adam lr 1e-3, batch 512,
@@ -44,6 +44,7 @@ from pathlib import Path
 from common import (
     BENCH_DIR,
     DEFAULT_RESULTS_DIR,
+    REPO_ROOT,
     HelpFormatter,
     header_markdown,
     markdown_table,
@@ -54,7 +55,7 @@ from common import (
 )
 
 DATASETS = ("scientific_mm", "scientific_full", "games")
-ATOMIC_NAMES = {"scientific_mm": "Scientific", "scientific_full": "Scientific", "games": "Games"}
+FILE_PREFIXES = {"scientific_mm": "Scientific", "scientific_full": "Scientific", "games": "Games"}  # X in X.train.inter
 MODELS = ("sasrec", "missrec-transductive", "missrec-inductive")
 RECBOLE_VENV = BENCH_DIR / ".venv-recbole"
 RECBOLE_PACKAGES = ["torch==2.13.0", "recbole==1.2.1", "numpy<2", "pandas<3", "setuptools<81"]
@@ -74,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=Path,
         default=BENCH_DIR / "scratch" / "amazon5",
         help="Where bench/pretrain_amazon5.py converts the Games domain (its --work_dir).",
+    )
+    parser.add_argument(
+        "--minilm_path", type=Path, default=None, help="all-MiniLM-L6-v2 folder for Games (default: the package's)."
     )
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_RESULTS_DIR, help="Where results are written.")
     return parser.parse_args(argv)
@@ -103,26 +107,28 @@ def run_json(command: list[str], env: dict, log: Path) -> dict:
     return result
 
 
-def dataset_dir(dataset: str, args, env: dict) -> Path:
-    """The set's atomic folder; Games is converted (and featurised) by the pre-training recipe on first use."""
+def dataset_dir(dataset: str, args: argparse.Namespace, env: dict) -> Path:
+    """The set's atomic folder; Games is converted (and featurised) by the pre-training recipe, which reuses
+    what it made before (its steps are idempotent)."""
     if dataset != "games":
         return args.data_root_resolved / dataset
-    folder = args.amazon5_dir / "Games"
     command = [
         sys.executable, str(BENCH_DIR / "pretrain_amazon5.py"), "--data_root", str(args.data_root_resolved),
         "--steps", "convert", "features", "--domains", "Games", "--work_dir", str(args.amazon5_dir),
         "--output_dir", str(args.work_dir / "amazon5-games"),
     ]  # fmt: skip
+    if args.minilm_path is not None:
+        command += ["--minilm_path", str(args.minilm_path)]
     print(f"-> {' '.join(command)}", flush=True)
-    subprocess.run(command, env=env, check=True)  # idempotent: a no-op once the folder is there
-    return folder
+    subprocess.run(command, env=env, check=True, cwd=REPO_ROOT)
+    return args.amazon5_dir / "Games"
 
 
-def run_sasrec(dataset: str, args, env: dict) -> dict:
+def run_sasrec(dataset: str, folder: Path, args, env: dict) -> dict:
     python = ensure_recbole_venv()
     command = [
         str(python), str(BENCH_DIR / "recbole_sasrec.py"),
-        "--data_dir", str(dataset_dir(dataset, args, env)), "--dataset", ATOMIC_NAMES[dataset],
+        "--data_dir", str(folder), "--dataset", FILE_PREFIXES[dataset],
         "--work_dir", str(args.work_dir / f"sasrec-{dataset}"),
         "--threads", str(args.threads), "--epochs", str(args.epochs),
     ]  # fmt: skip
@@ -132,12 +138,12 @@ def run_sasrec(dataset: str, args, env: dict) -> dict:
     return {**record, "model": "SASRec", "dataset": dataset, "mode": "transductive"}
 
 
-def run_missrec(dataset: str, mode: str, args, env: dict) -> dict:
+def run_missrec(dataset: str, folder: Path, mode: str, args, env: dict) -> dict:
     out = args.work_dir / f"missrec-{dataset}-{mode}"
     command = [
         sys.executable, str(BENCH_DIR / "finetune_quality.py"),
         "--data_root", str(args.data_root_resolved), "--datasets", dataset, "--modes", mode,
-        "--dataset_dir", str(dataset_dir(dataset, args, env)),
+        "--dataset_dir", str(folder),
         "--num_train_epochs", str(args.epochs), "--num_threads", str(args.threads),
         "--output_dir", str(out / "results"), "--work_dir", str(out / "work"), "--print_json",
     ]  # fmt: skip
@@ -222,17 +228,20 @@ def render(header: dict, records: list[dict], ratio_rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     args.data_root_resolved = resolve_data_root(args.data_root)
+    # Absolute: the RecBole runner and the conversion start in other folders.
+    args.work_dir, args.amazon5_dir = args.work_dir.resolve(), args.amazon5_dir.resolve()
     header = run_header()
     header["threads"] = args.threads
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     records = []
     json_path = args.output_dir / "peers.json"
     for dataset in args.datasets:
+        folder = dataset_dir(dataset, args, env)
         for model in args.models:
             if model == "sasrec":
-                records.append(run_sasrec(dataset, args, env))
+                records.append(run_sasrec(dataset, folder, args, env))
             else:
-                records.append(run_missrec(dataset, model.split("-", 1)[1], args, env))
+                records.append(run_missrec(dataset, folder, model.split("-", 1)[1], args, env))
             ratio_rows = ratios(records)
             payload = {"meta": header, "records": records, "ratios": ratio_rows}
             write_json_atomically(json_path, payload)  # after every model: a killed run keeps what it finished

@@ -444,11 +444,13 @@ def plot(records: list[dict], path: Path) -> bool:
             "o-",
             label=f"train step, {loss} softmax (ms)",
         )
-    sizes = [r["num_items"] for r in full]
-    time_axis.loglog(sizes, [1e3 * 1000 / r["eval_users_per_s"] for r in full], "s-", label="eval, 1000 users (ms)")
+    evaluated = full or rows  # evaluation does not depend on the training loss: one line of it
+    sizes = [r["num_items"] for r in evaluated]
+    eval_ms = [1e3 * 1000 / r["eval_users_per_s"] for r in evaluated]
+    time_axis.loglog(sizes, eval_ms, "s-", label="eval, 1000 users (ms)")
     time_axis.set_xlabel("catalogue size (items)")
     time_axis.legend()
-    memory_axis.semilogx(sizes, [r["eval_added_memory_mib"] for r in full], "s-", label="evaluation, added (MiB)")
+    memory_axis.semilogx(sizes, [r["eval_added_memory_mib"] for r in evaluated], "s-", label="evaluation, added (MiB)")
     for loss in dict.fromkeys(r.get("loss", "full") for r in rows):
         lines = [r for r in rows if r.get("loss", "full") == loss]
         memory_axis.semilogx(

@@ -146,13 +146,13 @@ def run_size(args, num_items: int) -> list[dict]:
     batch = queries_like(centres, BATCH, args.noise, args.seed + 2)
     truth_scores, truth_ids = exact_search(items, head, singles, args.k)
     records = []
-    recall_key = f"recall@{args.k}"
+    recall_name = f"recall@{args.k}"
     exact = {"num_items": num_items, "index": "exact", "build_s": 0.0, "memory_mb": 0.0}
     exact.update(latency_summary(timed(lambda: exact_search(items, head, singles[:1], args.k), min(args.queries, 20))))
     if not args.skip_batch:
         batch_seconds = timed(lambda: exact_search(items, head, batch, args.k), 1)[0]
         exact.update(batch_ms=batch_seconds * 1000, queries_per_s=BATCH / batch_seconds)
-    exact.update({recall_key: 1.0, "certified": 1.0, "certified_at_first_c": None, "mean_final_c": None})
+    exact.update({recall_name: 1.0, "certified": 1.0, "certified_at_first_c": None, "mean_final_c": None})
     records.append(exact)
     print(format_record(exact), flush=True)
     for kind in args.kinds:
@@ -170,7 +170,7 @@ def run_size(args, num_items: int) -> list[dict]:
         record.update(latency_summary(per_query))
         found = torch.cat([r.item_ids for r in results])
         final_c = torch.cat([r.candidates for r in results])
-        record[recall_key] = recall(found, truth_ids)
+        record[recall_name] = recall(found, truth_ids)
         record["certified"] = float(torch.cat([r.certified for r in results]).float().mean())
         record["certified_at_first_c"] = float((final_c == max(args.initial_candidates, args.k)).float().mean())
         record["mean_final_c"] = float(final_c.float().mean())
@@ -220,7 +220,8 @@ def render(records: list[dict], header: dict, args) -> str:
         for r in records
     ]  # fmt: skip
     headers = ["items", "index", "build s", "lists MB", "single p50 ms", "single p99 ms", "batch-1024 ms", "q/s",
-               f"recall@{args.k}", "certified", "certified at first C", "mean final C", "peak RSS MiB"]  # fmt: skip
+               f"recall@{args.k}", "certified", "certified at first C", "mean final C",
+               "process peak RSS so far MiB"]  # fmt: skip
     return "\n".join([*lines, markdown_table(headers, rows)]) + "\n"
 
 
@@ -256,6 +257,12 @@ def main(argv=None) -> None:
         except ImportError:
             pass
     header = run_header()
+    try:
+        import faiss
+
+        header["faiss"] = faiss.__version__
+    except ImportError:
+        header["faiss"] = None  # the torch lists and the exact scan still run
     records: list[dict] = []
     for num_items in args.num_items:
         records += run_size(args, num_items)
