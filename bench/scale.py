@@ -98,6 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the synthetic data.")
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_RESULTS_DIR, help="Where results are written.")
     parser.add_argument("--output_name", default="scale", help="Base name of the result files.")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="Keep the records already in the result file (a case measured again replaces its old record), e.g. "
+        "to add a full-softmax case at a smaller batch where batch 512 does not fit in memory.",
+    )
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case, as JSON
     args = parser.parse_args(argv)
     if args.preset:
@@ -343,24 +349,41 @@ def run_case_in_subprocess(case: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ report
+def case_key(record: dict) -> tuple:
+    """What makes two records the same measurement (then the newer replaces the older with --append)."""
+    fields = ("kind", "num_items", "device", "precision", "loss", "batch_size", "points", "init")
+    return tuple(record.get(f) for f in fields)
+
+
+def earlier_runs(header: dict, records: list[dict]) -> list[str]:
+    """Lines naming the other invocations whose records a file kept (--append)."""
+    runs = {(m["command"], m["date"], m.get("commit")) for r in records if (m := r.get("measured"))}
+    runs.discard((header["command"], header["date"], header.get("commit")))
+    return [f"- also from `{c}` ({d}, commit {k})" for c, d, k in sorted(runs, key=lambda run: run[1])]
+
+
 def sampled_speedups(train: list[dict]) -> list[str]:
     """One line per (size, device, precision) measured with both losses: sampled over full samples/s."""
     speed = {
-        (r["num_items"], r["device"], r["precision"], r.get("loss", "full")): r["train_samples_per_s"]
+        (r["num_items"], r["device"], r["precision"], r.get("loss", "full")): r
         for r in train
         if "train_samples_per_s" in r
     }
-    lines = [
-        f"- {n:,} items, {device}, {precision}: sampled softmax {speed[(n, device, precision, 'sampled')] / full:.1f}x "
-        "the full softmax's training samples/s"
-        for (n, device, precision, loss), full in speed.items()
-        if loss == "full" and (n, device, precision, "sampled") in speed
-    ]
+    lines = []
+    for (n, device, precision, loss), full in speed.items():
+        sampled = speed.get((n, device, precision, "sampled"))
+        if loss != "full" or sampled is None:
+            continue
+        ratio = sampled["train_samples_per_s"] / full["train_samples_per_s"]
+        batches = f"batch {sampled['batch_size']} against {full['batch_size']}"
+        lines.append(f"- {n:,} items, {device}, {precision}: sampled softmax {ratio:.1f}x the full softmax's "
+                     f"training samples/s ({batches})")  # fmt: skip
     return ["", *lines] if lines else []
 
 
 def render(header: dict, records: list[dict]) -> str:
-    lines = ["# missrec at scale: synthetic Amazon-like catalogues", "", header_markdown(header), ""]
+    lines = ["# missrec at scale: synthetic Amazon-like catalogues", "", header_markdown(header).rstrip()]
+    lines += [*earlier_runs(header, records), ""]
     train = [r for r in records if r["kind"] == "train_eval"]
     if train:
         rows = [
@@ -370,6 +393,7 @@ def render(header: dict, records: list[dict]) -> str:
                 r["device"],
                 r["precision"],
                 r.get("loss", "full") + (f" ({r['num_negatives']})" if r.get("loss") == "sampled" else ""),
+                r.get("batch_size"),
                 r.get("train_samples_per_s", r.get("error")),
                 r.get("eval_users_per_s"),
                 r.get("eval_seconds"),
@@ -386,6 +410,7 @@ def render(header: dict, records: list[dict]) -> str:
             "device",
             "precision",
             "loss (negatives)",
+            "batch",
             "train samples/s",
             "eval users/s",
             "eval s",
@@ -473,15 +498,24 @@ def main(argv=None) -> list[dict]:
         return [record]
     header = run_header(args.device)
     common = {"device": args.device, "seed": args.seed}
+    json_path = args.output_dir / f"{args.output_name}.json"
+    kept = json.loads(json_path.read_text())["records"] if args.append and json_path.exists() else []
     records = []
+    measured = {key: header[key] for key in ("command", "commit", "date")}
 
     def write(final: bool = False) -> None:  # after every case, so that a stop loses one case at most
-        report = render(header, records)
+        new = {case_key(r) for r in records}
+        everything = [r for r in kept if case_key(r) not in new] + records
+        report = render(header, everything)
         if final:
             print(report)
-        write_json_atomically(args.output_dir / f"{args.output_name}.json", {"meta": header, "records": records})
+        write_json_atomically(json_path, {"meta": header, "records": everything})
         write_text_atomically(args.output_dir / f"{args.output_name}.md", report)
-        plot(records, args.output_dir / f"{args.output_name}.png")
+        plot(everything, args.output_dir / f"{args.output_name}.png")
+
+    def measure(case: dict) -> None:
+        records.append({**run_case_in_subprocess(case), "measured": measured})
+        write()
 
     for n in args.num_items:
         for precision, loss in ((p, lo) for p in args.precisions for lo in args.losses):
@@ -503,13 +537,10 @@ def main(argv=None) -> list[dict]:
                 "train_steps": args.train_steps,
                 "eval_users": args.eval_users,
             }
-            records.append(run_case_in_subprocess(case))
-            write()
+            measure(case)
     for points in args.kmeans:
         for init in args.kmeans_init:
-            case = {"kind": "kmeans", **common, "points": points, "init": init, "iterations": args.kmeans_iterations}
-            records.append(run_case_in_subprocess(case))
-            write()
+            measure({"kind": "kmeans", **common, "points": points, "init": init, "iterations": args.kmeans_iterations})
     write(final=True)
     return records
 
