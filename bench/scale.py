@@ -457,7 +457,6 @@ def plot(records: list[dict], path: Path) -> bool:
     if plt is None:
         return False
     rows = [r for r in records if r.get("kind") == "train_eval" and r["precision"] == "no" and "error" not in r]
-    full = [r for r in rows if r.get("loss", "full") == "full"]
     if len({r["num_items"] for r in rows}) < 2:
         return False
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
@@ -465,11 +464,14 @@ def plot(records: list[dict], path: Path) -> bool:
         lines = [r for r in rows if r.get("loss", "full") == loss]
         time_axis.loglog(
             [r["num_items"] for r in lines],
-            [1e3 * r["batch_size"] / r["train_samples_per_s"] for r in lines],
+            [1e6 / r["train_samples_per_s"] for r in lines],  # per sample: batch sizes may differ (--append)
             "o-",
-            label=f"train step, {loss} softmax (ms)",
+            label=f"train, 1000 samples, {loss} softmax (ms)",
         )
-    evaluated = full or rows  # evaluation does not depend on the training loss: one line of it
+    # Evaluation does not depend on the training loss: per size, the record that ranked the most users.
+    evaluated = sorted(
+        {r["num_items"]: r for r in sorted(rows, key=lambda r: r["eval_users"])}.values(), key=lambda r: r["num_items"]
+    )
     sizes = [r["num_items"] for r in evaluated]
     eval_ms = [1e3 * 1000 / r["eval_users_per_s"] for r in evaluated]
     time_axis.loglog(sizes, eval_ms, "s-", label="eval, 1000 users (ms)")
