@@ -355,6 +355,20 @@ def case_key(record: dict) -> tuple:
     return tuple(record.get(f) for f in fields)
 
 
+def invocation(header: dict) -> dict:
+    """The part of a run header that says which invocation measured a record."""
+    return {key: header[key] for key in ("command", "commit", "date")}
+
+
+def kept_records(json_path: Path) -> list[dict]:
+    """The records of an earlier result file (--append), each naming the invocation that measured it (taken
+    from that file's header where the record does not say it itself), since the new header replaces it."""
+    if not json_path.exists():
+        return []
+    earlier = json.loads(json_path.read_text())
+    return [{"measured": invocation(earlier["meta"]), **r} for r in earlier["records"]]
+
+
 def earlier_runs(header: dict, records: list[dict]) -> list[str]:
     """Lines naming the other invocations whose records a file kept (--append)."""
     runs = {(m["command"], m["date"], m.get("commit")) for r in records if (m := r.get("measured"))}
@@ -459,9 +473,11 @@ def plot(records: list[dict], path: Path) -> bool:
     rows = [r for r in records if r.get("kind") == "train_eval" and r["precision"] == "no" and "error" not in r]
     if len({r["num_items"] for r in rows}) < 2:
         return False
+    by_loss: dict[str, list[dict]] = {}
+    for r in rows:
+        by_loss.setdefault(r.get("loss", "full"), []).append(r)
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for loss in dict.fromkeys(r.get("loss", "full") for r in rows):
-        lines = [r for r in rows if r.get("loss", "full") == loss]
+    for loss, lines in by_loss.items():
         time_axis.loglog(
             [r["num_items"] for r in lines],
             [1e6 / r["train_samples_per_s"] for r in lines],  # per sample: batch sizes may differ (--append)
@@ -478,8 +494,7 @@ def plot(records: list[dict], path: Path) -> bool:
     time_axis.set_xlabel("catalogue size (items)")
     time_axis.legend()
     memory_axis.semilogx(sizes, [r["eval_added_memory_mib"] for r in evaluated], "s-", label="evaluation, added (MiB)")
-    for loss in dict.fromkeys(r.get("loss", "full") for r in rows):
-        lines = [r for r in rows if r.get("loss", "full") == loss]
+    for loss, lines in by_loss.items():
         memory_axis.semilogx(
             [r["num_items"] for r in lines], [r["peak_rss_mib"] for r in lines], "o-", label=f"peak RSS, {loss} (MiB)"
         )
@@ -501,9 +516,9 @@ def main(argv=None) -> list[dict]:
     header = run_header(args.device)
     common = {"device": args.device, "seed": args.seed}
     json_path = args.output_dir / f"{args.output_name}.json"
-    kept = json.loads(json_path.read_text())["records"] if args.append and json_path.exists() else []
+    kept = kept_records(json_path) if args.append else []
     records = []
-    measured = {key: header[key] for key in ("command", "commit", "date")}
+    measured = invocation(header)
 
     def write(final: bool = False) -> None:  # after every case, so that a stop loses one case at most
         new = {case_key(r) for r in records}
