@@ -31,10 +31,17 @@ def rows_present(features: Mapping[str, torch.Tensor], modalities: Sequence[str]
     return torch.stack([features[m].ne(0).any(-1) for m in modalities])
 
 
-def apply_missing_rule(present: torch.Tensor, config: MissrecConfig) -> torch.Tensor:
-    """The mask the model uses: `present` itself, or all True when the config does not mask missing
-    modalities (the original scored a missing image's zero row like any other)."""
-    return present.bool() if config.mask_missing_modalities else torch.ones_like(present, dtype=torch.bool)
+def apply_missing_rule(present: torch.Tensor, config: MissrecConfig, real: torch.Tensor | None = None) -> torch.Tensor:
+    """The one missing-modality rule: the mask the model scores with, `[M, ...]` bool.
+
+    `present` itself when `config.mask_missing_modalities`; otherwise every modality counts as present (the
+    original scored a missing image's zero row like any other): at every real slot (`real`, `[...]`, broadcast
+    over the modalities; padding stays False), or everywhere when `real` is not given."""
+    if config.mask_missing_modalities:
+        return present.bool()
+    if real is None:
+        return torch.ones_like(present, dtype=torch.bool)
+    return real.bool().expand_as(present)
 
 
 def read_raw_item_ids(folder: str | os.PathLike) -> list[str] | None:
@@ -89,11 +96,8 @@ class MissrecItemCatalog(nn.Module):
 
     def present(self) -> torch.Tensor:
         """`[M, num_items + 1]` the mask the model scores with (the missing rule applied; padding False)."""
-        if self.config.mask_missing_modalities:
-            return self.modality_present
-        present = torch.ones_like(self.modality_present)
-        present[:, 0] = False
-        return present
+        real_items = torch.arange(self.num_items + 1, device=self.modality_present.device) > 0
+        return apply_missing_rule(self.modality_present, self.config, real_items)
 
     def reset_parameters(self) -> None:
         for name in self.buffer_names():
@@ -153,7 +157,8 @@ class MissrecItemCatalog(nn.Module):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Grow the catalogue by `n` items known by their features (`{modality: [n, F_m]}`, an all-zero row =
         missing). Returns the new rows (float32, on the catalogue's device) and their scoring mask `[M, n]`;
-        the caller (`MissrecRecommender.add_items`) grows what depends on the catalogue (interests, counts)."""
+        the caller (`MissrecForSequentialRecommendation.add_items`) grows what depends on the catalogue (interests,
+        counts)."""
         sizes = {m: len(features[m]) for m in self.modalities if m in features}
         if set(sizes) != set(self.modalities) or len(set(sizes.values())) != 1:
             raise ValueError(f"add_items needs one [n, F] table per modality {self.modalities}; got sizes {sizes}")

@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput, logging
 from .atomic import complete_interrupted_commit
 from .configuration_missrec import MissrecConfig
 from .distributed import gather_no_grad, gather_sizes, gather_with_grad, rank_and_world_size
-from .interests import interest_sets, kmeans, num_interests
+from .interests import assign_to_centroids, interest_sets, kmeans, num_interests
 from .item_catalog import (
     ITEM_IDS_FILE,
     MissrecItemCatalog,
@@ -383,6 +383,18 @@ class MissrecInterestTokenizer(nn.Module):
         return ids, self.centroids[ids], mask
 
     @torch.no_grad()
+    def append_items(self, tokens: torch.Tensor, present: torch.Tensor) -> None:
+        """Give `n` new items (adapted tokens `[M, n, H]`, scoring mask `[M, n]`) their interest ids without
+        re-clustering: per modality the nearest centroid, 0 where the modality is missing or before the
+        first refresh."""
+        new_ids = torch.zeros(present.shape, dtype=torch.long, device=self.item_interest_ids.device)
+        if self.centroids.shape[0] > 1:
+            for index in range(present.shape[0]):
+                nearest = assign_to_centroids(tokens[index].float(), self.centroids[1:].float()) + 1
+                new_ids[index] = torch.where(present[index], nearest, torch.zeros_like(nearest))
+        self.item_interest_ids = torch.cat([self.item_interest_ids, new_ids], dim=1)
+
+    @torch.no_grad()
     def set_state(self, centroids: torch.Tensor, item_interest_ids: torch.Tensor) -> None:
         padded = torch.zeros(centroids.shape[0] + 1, centroids.shape[1], device=centroids.device)
         padded[1:] = centroids
@@ -588,27 +600,12 @@ class MissrecModel(MissrecPreTrainedModel):
             item_tokens = self.adapt(item_features)
             if modality_mask is None:
                 modality_mask = rows_present(item_features, self.modalities)
-        if modality_mask is None or not self.config.mask_missing_modalities:
+        if modality_mask is None:
             modality_mask = attention_mask.expand(len(self.modalities), *attention_mask.shape)
+        modality_mask = apply_missing_rule(modality_mask, self.config, attention_mask)
 
-        interest_ids, interest_vectors, interest_mask = self.interest_tokenizer(input_ids)
-        if self.config.interest_reg_pooling == "original":
-            # The original's sets kept a padding slot (id 0, a zero input, masked as a key) whose encoder
-            # output its regulariser summed: one appended zero slot gives that output exactly.
-            interest_vectors = F.pad(interest_vectors, (0, 0, 0, 1))
-            encoded = self.encoder(interest_vectors, F.pad(interest_mask, (0, 1)), **outputs)
-            padding_state, interest_states = encoded.last_hidden_state[:, -1], encoded.last_hidden_state[:, :-1]
-            # Id 0 was in a set when the history was shorter than max_seq_length (its padding) or one of its
-            # items lacks a modality (masked out here, an id-0 token there).
-            per_position = self.interest_tokenizer.item_interest_ids[:, input_ids]  # [M, B, L]
-            missing = ((per_position == 0) & attention_mask.unsqueeze(0)).any(0).any(1)
-            zero_in_set = (attention_mask.sum(1) < self.config.max_seq_length) | missing
-        else:
-            encoded = self.encoder(interest_vectors, interest_mask, **outputs)
-            interest_states, padding_state = encoded.last_hidden_state, None
-            zero_in_set = None
-        regularization = self.interest_regularization(interest_states, interest_ids, zero_in_set, padding_state)
-
+        interest_ids, interest_mask, encoded, regularization = self.encode_interests(input_ids, attention_mask, outputs)
+        interest_states = encoded.last_hidden_state
         decoder_input = self.embed_items(input_ids, item_tokens, modality_mask)
         last_position = (attention_mask * torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)).argmax(1)
         positions = last_position if last_position_only else None
@@ -633,6 +630,31 @@ class MissrecModel(MissrecPreTrainedModel):
             cross_attentions=decoded.cross_attentions,
         )
         return output if return_dict else output.to_tuple()
+
+    def encode_interests(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, outputs: dict[str, bool]
+    ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutput, torch.Tensor]:
+        """The interest side: each history's interest set `[B, Q]` (ids and key mask), its encoder output
+        (`last_hidden_state` `[B, Q, H]`, with the layers' states / attentions as `outputs` asks) and the
+        interest regulariser."""
+        interest_ids, interest_vectors, interest_mask = self.interest_tokenizer(input_ids)
+        if self.config.interest_reg_pooling != "original":
+            encoded = self.encoder(interest_vectors, interest_mask, **outputs)
+            regularization = self.interest_regularization(encoded.last_hidden_state, interest_ids)
+            return interest_ids, interest_mask, encoded, regularization
+        # The original's sets kept a padding slot (id 0, a zero input, masked as a key) whose encoder output its
+        # regulariser summed: one appended zero slot gives that output exactly.
+        interest_vectors = F.pad(interest_vectors, (0, 0, 0, 1))
+        encoded = self.encoder(interest_vectors, F.pad(interest_mask, (0, 1)), **outputs)
+        padding_state, interest_states = encoded.last_hidden_state[:, -1], encoded.last_hidden_state[:, :-1]
+        # Id 0 was in a set when the history was shorter than max_seq_length (its padding) or one of its items
+        # lacks a modality (masked out here, an id-0 token there).
+        per_position = self.interest_tokenizer.item_interest_ids[:, input_ids]  # [M, B, L]
+        missing = ((per_position == 0) & attention_mask.unsqueeze(0)).any(0).any(1)
+        zero_in_set = (attention_mask.sum(1) < self.config.max_seq_length) | missing
+        regularization = self.interest_regularization(interest_states, interest_ids, zero_in_set, padding_state)
+        encoded.last_hidden_state = interest_states
+        return interest_ids, interest_mask, encoded, regularization
 
     def embed_items(
         self, input_ids: torch.Tensor, item_tokens: torch.Tensor, modality_mask: torch.Tensor
@@ -1001,6 +1023,41 @@ class MissrecForSequentialRecommendation(MissrecPreTrainedModel):
         """
         self.catalog.load(features, modality_present, raw_item_ids)
 
+    def set_raw_item_ids(self, raw_item_ids: Sequence[str]) -> None:
+        """The raw id of each item (entry i = item id i + 1), saved with the model as `item_ids.json`."""
+        if len(raw_item_ids) != self.config.num_items:
+            raise ValueError(
+                f"raw_item_ids has {len(raw_item_ids)} entries, expected one per item ({self.config.num_items})"
+            )
+        self.catalog.raw_item_ids = list(raw_item_ids)
+
+    @torch.no_grad()
+    def add_items(
+        self, features: Mapping[str, torch.Tensor | np.ndarray], raw_item_ids: Sequence[str] | None = None
+    ) -> list[int]:
+        """Add items known only by their features to an inductive model's catalogue, without retraining.
+
+        `features[m]` is `[n, F_m]` for every modality (an all-zero row = missing modality); `raw_item_ids`
+        exactly when the catalogue has raw ids. Each new item's interest id is its nearest centroid per
+        modality, and its training-target count (history prior) is 0. Returns the new item ids."""
+        if self.config.use_item_ids:
+            raise ValueError(
+                "add_items needs an inductive model (use_item_ids=False): a transductive model has no trained ID "
+                "embedding for new items"
+            )
+        if self.config.item_fusion == "dynamic_instance":
+            raise ValueError("add_items: item_fusion='dynamic_instance' has no fusion factor for new items")
+        new, present = self.catalog.append(features, raw_item_ids)
+        weight_dtype = next(self.missrec.adaptors.parameters()).dtype
+        tokens = self.missrec.adapt({m: t.to(weight_dtype) for m, t in new.items()})  # [M, n, H]
+        self.missrec.interest_tokenizer.append_items(tokens, present)
+        if self.history_prior is not None:  # a new item has never been a training target
+            counts = self.history_prior.item_log_count
+            self.history_prior.item_log_count = torch.cat([counts, counts.new_zeros(present.shape[1])])
+        first = self.config.num_items + 1
+        self.config.num_items += present.shape[1]
+        return list(range(first, first + present.shape[1]))
+
     def freeze_backbone_for_transfer(self) -> int:
         """The paper's parameter-efficient transfer: freeze the position embedding, the encoder and the decoder;
         the adaptors, the input LayerNorm, the fusion factor and (transductive) the ID table stay trainable.
@@ -1347,6 +1404,40 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
     def _modality_mask(self, features: Mapping[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
         return apply_missing_rule(rows_present(features, self.config.modalities) if mask is None else mask, self.config)
 
+    def _sequence_item_loss(
+        self,
+        sequence: torch.Tensor,
+        target_features: Mapping[str, torch.Tensor],
+        target_modality_mask: torch.Tensor | None,
+        target_ids: torch.Tensor | None,
+        sizes: list[int],
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """Each history against the next items of the global batch (gathered from every process)."""
+        tokens = F.normalize(self.missrec.adapt(target_features), dim=-1)  # [M, B, H]
+        present = self._modality_mask(target_features, target_modality_mask)
+        candidates = ItemTokens(gather_with_grad(tokens, sizes, 1), gather_no_grad(present, sizes, 1), None, 0)
+        logits = self.fusion(sequence, candidates) / self.config.temperature  # [B, global batch]
+        if self.config.mask_duplicate_targets and target_ids is not None:
+            return in_batch_contrastive_loss(logits, labels, target_ids, gather_no_grad(target_ids, sizes))
+        return in_batch_contrastive_loss(logits, labels)
+
+    def _total_loss(
+        self,
+        sequence_item_loss: torch.Tensor,
+        sequence_sequence_loss: torch.Tensor | None,
+        regularization: torch.Tensor,
+        share: float,
+        regularizer_scale: float | None,
+    ) -> torch.Tensor:
+        config = self.config
+        # A batch-summed regulariser must count the global batch, as one process on the whole batch would.
+        scale = _regularizer_scale(config, regularizer_scale) if config.interest_reg_reduction == "sum" else share
+        loss = sequence_item_loss + config.interest_reg_weight * scale * regularization
+        if sequence_sequence_loss is not None:
+            loss = loss + config.seq_seq_loss_weight * sequence_sequence_loss
+        return loss
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -1381,17 +1472,9 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
         sizes = gather_sizes(batch, sequence.device)
         labels = torch.arange(batch, device=sequence.device) + sum(sizes[:rank])
 
-        tokens = F.normalize(self.missrec.adapt(target_features), dim=-1)  # [M, B, H]
-        present = self._modality_mask(target_features, target_modality_mask)
-        candidates = ItemTokens(gather_with_grad(tokens, sizes, 1), gather_no_grad(present, sizes, 1), None, 0)
-        logits = self.fusion(sequence, candidates) / config.temperature  # [B, global batch]
-        if config.mask_duplicate_targets and target_ids is not None:
-            sequence_item_loss = in_batch_contrastive_loss(
-                logits, labels, target_ids, gather_no_grad(target_ids, sizes)
-            )
-        else:
-            sequence_item_loss = in_batch_contrastive_loss(logits, labels)
-
+        sequence_item_loss = self._sequence_item_loss(
+            sequence, target_features, target_modality_mask, target_ids, sizes, labels
+        )
         regularization = backbone.interest_regularization
         sequence_sequence_loss = None
         if augmented_input_ids is not None:
@@ -1411,11 +1494,7 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
         sequence_item_loss = sequence_item_loss * share
         if sequence_sequence_loss is not None:
             sequence_sequence_loss = sequence_sequence_loss * share
-        # A batch-summed regulariser must count the global batch, as one process on the whole batch would.
-        scale = _regularizer_scale(config, regularizer_scale) if config.interest_reg_reduction == "sum" else share
-        loss = sequence_item_loss + config.interest_reg_weight * scale * regularization
-        if sequence_sequence_loss is not None:
-            loss = loss + config.seq_seq_loss_weight * sequence_sequence_loss
+        loss = self._total_loss(sequence_item_loss, sequence_sequence_loss, regularization, share, regularizer_scale)
         if not return_dict:
             return (loss, sequence_item_loss, sequence_sequence_loss, regularization, sequence)
         return MissrecPreTrainingOutput(

@@ -27,7 +27,6 @@ import torch
 
 from .atomic import write_atomically
 from .hub import resolve_model_folder
-from .interests import assign_to_centroids
 from .item_catalog import ITEM_IDS_FILE
 from .modeling_missrec import MissrecForSequentialRecommendation
 from .retrieval import BUILD_OPTIONS, LIST_KINDS, FusedScoreRetriever, catalog_fingerprint
@@ -66,11 +65,7 @@ class MissrecRecommender:
         self.model = model.eval()
         self.block_size = block_size
         if raw_item_ids is not None:  # else the ids the model was saved with, if any
-            if len(raw_item_ids) != model.config.num_items:
-                raise ValueError(
-                    f"raw_item_ids has {len(raw_item_ids)} entries, expected one per item ({model.config.num_items})"
-                )
-            self.model.catalog.raw_item_ids = list(raw_item_ids)
+            self.model.set_raw_item_ids(raw_item_ids)
         self._index = {raw: i + 1 for i, raw in enumerate(self.raw_item_ids or [])}
         self.index_kind, self.index_options = index, index_options
         self.retriever = None if index == "exact" else self._build_retriever(index_dir)
@@ -204,36 +199,13 @@ class MissrecRecommender:
 
         `features[m]` is `[n, F_m]` for every modality of the model (an all-zero row = missing modality).
         Each new item's interest id is its nearest centroid per modality. Returns the new model item ids."""
-        model = self.model
-        config = model.config
-        if config.use_item_ids:
-            raise ValueError(
-                "add_items needs an inductive model (use_item_ids=False): a transductive model has no trained ID "
-                "embedding for new items"
-            )
-        if config.item_fusion == "dynamic_instance":
-            raise ValueError("add_items: item_fusion='dynamic_instance' has no fusion factor for new items")
-        new, present = model.catalog.append(features, raw_item_ids)
-        count, device = present.shape[1], present.device
-        tokenizer = model.missrec.interest_tokenizer
-        new_interests = torch.zeros(len(config.modalities), count, dtype=torch.long, device=device)
-        if config.num_interests > 0:
-            weight_dtype = next(model.missrec.adaptors.parameters()).dtype
-            tokens = model.missrec.adapt({m: t.to(weight_dtype) for m, t in new.items()}).float()  # [M, n, H]
-            for index in range(len(config.modalities)):
-                nearest = assign_to_centroids(tokens[index], tokenizer.centroids[1:].float()) + 1
-                new_interests[index] = torch.where(present[index], nearest, torch.zeros_like(nearest))
-        tokenizer.item_interest_ids = torch.cat([tokenizer.item_interest_ids, new_interests], dim=1)
-        if model.history_prior is not None:  # a new item has never been a training target
-            counts = model.history_prior.item_log_count
-            model.history_prior.item_log_count = torch.cat([counts, counts.new_zeros(count)])
-        first = config.num_items + 1
-        config.num_items += count
+        new_ids = self.model.add_items(features, raw_item_ids)
+        first = new_ids[0] if new_ids else self.model.config.num_items + 1
         for offset, raw in enumerate(raw_item_ids or []):
             self._index[raw] = first + offset
         if self.retriever is not None:
-            self.retriever.add_items(model.item_tokens(), first, model.item_features)
-        return list(range(first, first + count))
+            self.retriever.add_items(self.model.item_tokens(), first, self.model.item_features)
+        return new_ids
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
         """The model and its raw id map, loadable with `from_pretrained`; with a list index, the lists too

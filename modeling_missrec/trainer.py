@@ -323,7 +323,7 @@ class MissrecTrainer(_AcceleratedLoop):
         self.model_card = None  # metrics -> the README.md committed with the final model (run_finetune sets it)
         base = model.get_base_model() if _is_peft(model) else model
         if base.catalog.raw_item_ids is None:  # saved with the model, so that it recommends in raw ids
-            base.catalog.raw_item_ids = list(catalog.raw_item_ids)
+            base.set_raw_item_ids(catalog.raw_item_ids)
         world = self.accelerator.num_processes
         max_len = model.config.max_seq_length
         self.train_loader = build_loader(
