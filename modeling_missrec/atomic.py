@@ -1,6 +1,7 @@
 """Files and folders written so that a reader never sees half of them, and a killed writer loses nothing.
 
-* :func:`write_atomically`: one file, through a temporary file in the same folder and `os.replace`.
+* :func:`write_atomically`: one file, through a temporary file in the same folder and `os.replace`
+  (:func:`atomic_path` for a writer that needs the temporary file's name).
 * :func:`replace_directory`: a whole folder, built beside its final name inside the same parent, swapped in.
 * :func:`commit_files`: several files into a folder that holds other things too (the model files of an output
   folder that also holds checkpoints and logs). They are staged in a hidden folder *inside* the target (so no
@@ -20,33 +21,43 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 STAGING_DIR = ".staging"
 JOURNAL_FILE = ".commit.json"
 
 
-def write_atomically(path: str | os.PathLike, content: str | bytes | Iterable[str], fsync: bool = False) -> None:
-    """Write `content` (text as UTF-8, bytes, or text chunks streamed one by one) to `path` through a temporary
-    file in the same folder, then `os.replace` it over `path`: a reader, or a run killed mid-write, sees the old
-    file or the new one, never half of one. `fsync` also flushes it to the disk before the rename. The project's
-    one writer of whole files (the folder-level commits below build on it)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary file name in `path`'s folder for a writer that needs a name rather than content (a
+    memory-mapped table, a library's own save); moved over `path` when the block ends, removed if it raises."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as out:
-            chunks = [content] if isinstance(content, (str, bytes)) else content
-            for chunk in chunks:
-                out.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
-            if fsync:
-                out.flush()
-                os.fsync(out.fileno())
+        yield Path(temporary)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def write_atomically(
+    path: str | os.PathLike, content: str | bytes | Iterable[str | bytes], fsync: bool = False
+) -> None:
+    """Write `content` (text as UTF-8, bytes, or text / byte chunks streamed one by one) to `path` through a
+    temporary file in the same folder, then `os.replace` it over `path`: a reader, or a run killed mid-write,
+    sees the old file or the new one, never half of one. `fsync` also flushes it to the disk before the rename.
+    The project's one writer of whole files (the folder-level commits below build on it)."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as out:
+        chunks = [content] if isinstance(content, (str, bytes)) else content
+        for chunk in chunks:
+            out.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+        if fsync:
+            out.flush()
+            os.fsync(out.fileno())
 
 
 def replace_directory(temporary: Path, final: Path) -> None:

@@ -45,12 +45,11 @@ import pandas as pd
 
 from .atomic import write_atomically
 from .columnar_log import LogColumns, read_log
-from .data import INTER_HEADER, TEXT_HEADER
+from .data import IMAGE_HEADER, INTER_HEADER, TEXT_HEADER
 from .raw_values import ConversionError, check_columns, is_missing, normalise_ids, parse_timestamps
 
 logger = logging.getLogger(__name__)
 
-IMAGE_HEADER = ["item_id:token", "image:token"]
 FORMATS = ("csv", "tsv", "parquet", "jsonl")
 TEXT_FIELDS = ("title", "categories", "brand", "description")
 LOG_READERS = ("arrow", "pandas")

@@ -24,10 +24,13 @@ import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from torch.utils.data import DataLoader
 
+from .atomic import replace_directory
+
 logger = logging.getLogger(__name__)
 
 INTER_HEADER = ["user_id:token", "item_id_list:token_seq", "item_id:token"]
 TEXT_HEADER = ["item_id:token", "text:token_seq"]
+IMAGE_HEADER = ["item_id:token", "image:token"]
 SPLITS = ("train", "valid", "test")
 _CACHE_VERSION = "1"
 
@@ -132,6 +135,38 @@ def read_text_file(path: str | os.PathLike, raw_item_ids: Sequence[str]) -> list
     if missing:
         logger.warning("%s: %d of %d items have no text line; their text is empty", path, missing, len(texts))
     return texts
+
+
+def read_image_file(path: str | os.PathLike, raw_item_ids: Sequence[str]) -> list[Path | None]:
+    """Image paths in item index order from an `X.images` TSV (header `item_id:token<TAB>image:token`; a path
+    relative to the file's folder or absolute). An item with no line or an empty path gets None (counted)."""
+    path = Path(path)
+    by_raw: dict[str, Path] = {}
+    with open(path, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\r\n").split("\t")
+        if header != IMAGE_HEADER:
+            raise AtomicFileError(f"{path}:1: expected header {IMAGE_HEADER}, got {header}")
+        for line_number, line in enumerate(handle, start=2):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            raw, separator, image = line.partition("\t")
+            if not separator:
+                raise AtomicFileError(f"{path}:{line_number}: expected 'item id<TAB>image path', got {line!r}")
+            if raw in by_raw:
+                raise AtomicFileError(f"{path}:{line_number}: item {raw!r} has a second image line")
+            if image.strip():
+                by_raw[raw] = path.parent / image.strip()  # an absolute path replaces the folder
+    paths = [by_raw.get(raw) for raw in raw_item_ids]
+    missing = sum(p is None for p in paths)
+    if missing:
+        logger.warning(
+            "%s: %d of %d items have no image path; their image rows will be zero", path, missing, len(paths)
+        )
+    unknown = len(set(by_raw) - set(raw_item_ids))
+    if unknown:
+        logger.info("%s: %d image lines name items outside the catalogue; ignored", path, unknown)
+    return paths
 
 
 def read_inter_file(path: str | os.PathLike, num_items: int) -> dict[str, np.ndarray]:
@@ -351,7 +386,7 @@ def load_atomic_dataset(
         temporary = cache_root / f".tmp-{cache_path.name}-{os.getpid()}"
         with _quiet_datasets():
             dataset.save_to_disk(str(temporary))
-        os.replace(temporary, cache_path)
+        replace_directory(temporary, cache_path)
         dataset = load_from_disk(str(cache_path))
     except OSError as error:  # a read-only data folder still works, just without a cache
         logger.warning("could not cache the dataset in %s: %s", cache_root, error)

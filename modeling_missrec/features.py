@@ -35,13 +35,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import write_atomically
-from .data import AtomicFileError, find_dataset_name, read_index_file, read_text_file
+from .atomic import atomic_path, write_atomically
+from .data import find_dataset_name, read_image_file, read_index_file, read_text_file
 from .hub import resolve_model_folder
 
 logger = logging.getLogger(__name__)
 
-IMAGE_HEADER = ["item_id:token", "image:token"]
 TEXT_KINDS = ("auto", "clip", "sentence-transformers")
 CLIP_MODEL_TYPES = ("clip", "clip_text_model", "clip_vision_model")
 SENTENCE_TRANSFORMERS_MARKERS = ("modules.json", "sentence_bert_config.json")
@@ -308,36 +307,6 @@ def extract_text_features(
 
 
 # --------------------------------------------------------------------------------------------- images
-def read_image_file(path: str | os.PathLike, raw_item_ids: Sequence[str]) -> list[Path | None]:
-    """Image paths in item index order from an `X.images` TSV (header `item_id:token<TAB>image:token`; a path
-    relative to the file's folder or absolute). An item with no line or an empty path gets None (counted)."""
-    path = Path(path)
-    by_raw: dict[str, Path] = {}
-    with open(path, encoding="utf-8") as handle:
-        header = handle.readline().rstrip("\r\n").split("\t")
-        if header != IMAGE_HEADER:
-            raise AtomicFileError(f"{path}:1: expected header {IMAGE_HEADER}, got {header}")
-        for line_number, line in enumerate(handle, start=2):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            raw, separator, image = line.partition("\t")
-            if not separator:
-                raise AtomicFileError(f"{path}:{line_number}: expected 'item id<TAB>image path', got {line!r}")
-            if raw in by_raw:
-                raise AtomicFileError(f"{path}:{line_number}: item {raw!r} has a second image line")
-            if image.strip():
-                by_raw[raw] = path.parent / image.strip()  # an absolute path replaces the folder
-    paths = [by_raw.get(raw) for raw in raw_item_ids]
-    missing = sum(p is None for p in paths)
-    if missing:
-        logger.warning(
-            "%s: %d of %d items have no image path; their image rows will be zero", path, missing, len(paths)
-        )
-    unknown = len(set(by_raw) - set(raw_item_ids))
-    if unknown:
-        logger.info("%s: %d image lines name items outside the catalogue; ignored", path, unknown)
-    return paths
 
 
 def _load_image(path: str | os.PathLike | None):
@@ -621,25 +590,19 @@ def _assemble_table(
         raise ValueError(f"{partial}: chunks of different widths {sorted(dims)}; delete the folder and rerun")
     dim = dims.pop()
     rows = sum(len(chunk) for chunk in chunks)
-    temporary = output_path.with_name(output_path.name + ".tmp")
-    table = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(rows, dim))
     missing, start = 0, 0
-    for chunk in chunks:
-        table[start : start + len(chunk)] = chunk
-        start += len(chunk)
-        missing += int((~np.any(chunk != 0, axis=1)).sum())
-    table.flush()
-    del table
-    os.replace(temporary, output_path)
+    with atomic_path(output_path) as temporary:  # memory-mapped: the table is never whole in memory
+        table = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(rows, dim))
+        for chunk in chunks:
+            table[start : start + len(chunk)] = chunk
+            start += len(chunk)
+            missing += int((~np.any(chunk != 0, axis=1)).sum())
+        table.flush()
+        del table
     if raw_output_path is not None:
         raw_output_path.parent.mkdir(parents=True, exist_ok=True)
-        raw_temporary = raw_output_path.with_name(raw_output_path.name + ".tmp")
-        with open(raw_temporary, "wb") as handle:
-            for chunk in chunks:
-                np.ascontiguousarray(chunk, dtype=np.float32).tofile(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(raw_temporary, raw_output_path)
+        raw_rows = (np.ascontiguousarray(chunk, dtype=np.float32).tobytes() for chunk in chunks)
+        write_atomically(raw_output_path, raw_rows, fsync=True)
     return dim, missing
 
 

@@ -25,6 +25,7 @@ from modeling_missrec.data import (
     load_item_catalog,
     pad_histories,
     read_feature_file,
+    read_image_file,
     read_index_file,
 )
 
@@ -781,3 +782,16 @@ def test_sampler_with_groups_keeps_every_full_batch_within_one_group(skewed_leng
     assert list(sampler) == batches  # a resumed run sees the same batches
     with pytest.raises(ValueError, match="one label per row"):
         LengthGroupedBatchSampler(skewed_lengths, batch_size=32, groups=groups[:-1])
+
+
+def test_read_image_file(tmp_path):
+    absolute = tmp_path / "elsewhere" / "b.jpg"
+    images = tmp_path / "X.images"
+    images.write_text(f"item_id:token\timage:token\nA\timg/a.jpg\nB\t{absolute}\nC\t\nZ\tz.jpg\n")
+    assert read_image_file(images, ["A", "B", "C", "D"]) == [tmp_path / "img" / "a.jpg", absolute, None, None]
+    images.write_text("item_id:token\tpath:token\nA\ta.jpg\n")
+    with pytest.raises(AtomicFileError, match="expected header"):
+        read_image_file(images, ["A"])
+    images.write_text("item_id:token\timage:token\nA\ta.jpg\nA\tb.jpg\n")
+    with pytest.raises(AtomicFileError, match=r"X.images:3: item 'A' has a second image line"):
+        read_image_file(images, ["A"])

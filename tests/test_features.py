@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_missrec.data import AtomicFileError, read_index_file, read_text_file
+from modeling_missrec.data import read_index_file, read_text_file
 from modeling_missrec.features import (
     TextEncoder,
     detect_text_model_kind,
@@ -23,7 +23,6 @@ from modeling_missrec.features import (
     extract_text_features,
     extract_to_file,
     main,
-    read_image_file,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -292,19 +291,6 @@ def test_clip_image_features_and_missing_images(tiny_clip, tmp_path, caplog):
     np.testing.assert_array_equal(present_one, PRESENT)
     np.testing.assert_array_equal(four, again)
     assert np.abs(one - four).max() < 1e-5
-
-
-def test_read_image_file(tmp_path):
-    absolute = tmp_path / "elsewhere" / "b.jpg"
-    images = tmp_path / "X.images"
-    images.write_text(f"item_id:token\timage:token\nA\timg/a.jpg\nB\t{absolute}\nC\t\nZ\tz.jpg\n")
-    assert read_image_file(images, ["A", "B", "C", "D"]) == [tmp_path / "img" / "a.jpg", absolute, None, None]
-    images.write_text("item_id:token\tpath:token\nA\ta.jpg\n")
-    with pytest.raises(AtomicFileError, match="expected header"):
-        read_image_file(images, ["A"])
-    images.write_text("item_id:token\timage:token\nA\ta.jpg\nA\tb.jpg\n")
-    with pytest.raises(AtomicFileError, match=r"X.images:3: item 'A' has a second image line"):
-        read_image_file(images, ["A"])
 
 
 # ------------------------------------------------------------------------------------------------------

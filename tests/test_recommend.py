@@ -78,6 +78,28 @@ def test_new_items_are_scored_from_their_features_alone(trained, tmp_path):
     assert again.recommend([[41]], k=1)[0][0].item_id == recommender.recommend([[41]], k=1)[0][0].item_id
 
 
+def test_the_model_itself_grows_its_catalogue(trained, tmp_path):
+    """`model.add_items` (no recommender: what a `trust_remote_code` user has) grows every per-item state."""
+    from modeling_missrec import MissrecForSequentialRecommendation
+
+    model = MissrecForSequentialRecommendation.from_pretrained(trained).eval()
+    twin = {m: model.item_features[m][[7, 12]].clone() for m in model.config.modalities}
+    twin["image"][1] = 0  # the second new item lacks its image
+    assert model.add_items(twin, raw_item_ids=["a", "b"]) == [41, 42]
+    ids = model.missrec.interest_tokenizer.item_interest_ids
+    assert ids.shape[1] == 43 and torch.equal(ids[:, 41], ids[:, 7])
+    image = model.config.modalities.index("image")
+    assert ids[image, 42] == 0 and ids[1 - image, 42] == ids[1 - image, 12]
+    assert model.catalog.raw_item_ids[-2:] == ["a", "b"] and model.catalog.num_items == 42
+    top = model.recommend(torch.tensor([[4, 5, 6]]), k=3)
+    assert 41 in top.item_ids[0].tolist()
+    with pytest.raises(ValueError, match="raw_item_ids has 2 entries"):
+        model.set_raw_item_ids(["x", "y"])
+    model.save_pretrained(tmp_path / "grown")
+    again = MissrecForSequentialRecommendation.from_pretrained(tmp_path / "grown")
+    assert again.config.num_items == 42 and again.catalog.raw_item_ids == model.catalog.raw_item_ids
+
+
 def test_transductive_models_refuse_new_items(tmp_path):
     folder = write_planted_dataset(tmp_path / "data")
     trainer = make_trainer(folder, tmp_path / "out", mode="transductive", num_train_epochs=1)
