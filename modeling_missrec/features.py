@@ -6,7 +6,8 @@ all-MiniLM-L6-v2: its own pooling, and L2-normalised when its modules.json lists
 come from the CLIP vision tower (projected embeddings); an item whose image is missing or unreadable gets an
 all-zero row (a "missing modality"), counted and logged.
 
-Models load only from a local folder (no download). Large catalogues are extracted chunk by chunk into
+Models load from a local folder or a Hub id (`revision`, `token`; read from the local Hub cache once downloaded,
+and only from it offline). Large catalogues are extracted chunk by chunk into
 `<output>.partial/`, so that a rerun after a kill skips the finished chunks; the table is then assembled and
 moved into place atomically (`.npy`, and optionally the raw float32 `.feat*` layout).
 
@@ -56,9 +57,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def _model_dir(model_path: str | os.PathLike) -> Path:
-    """The encoder's folder: a local one, or a Hub id's snapshot (offline: the local Hub cache only)."""
-    return resolve_model_folder(model_path, argument="model").resolve()
+def _model_dir(model_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None) -> Path:
+    """The encoder's folder: a local one, or a Hub id's snapshot at `revision` (offline: the local Hub cache only)."""
+    return resolve_model_folder(model_path, revision, token, argument="model").resolve()
 
 
 def _read_json(path: Path) -> Any:
@@ -190,7 +191,8 @@ def _sentence_transformer(folder: Path, device: torch.device, normalize: bool | 
 
 
 class TextEncoder:
-    """A text model loaded once from a local folder; `encode(texts)` gives float32 rows `[len(texts), dim]`."""
+    """A text model loaded once from a local folder or a Hub id (`revision`, `token`); `encode(texts)` gives float32
+    rows `[len(texts), dim]`."""
 
     def __init__(
         self,
@@ -200,10 +202,12 @@ class TextEncoder:
         device: str | torch.device | None = None,
         normalize: bool | None = None,
         max_length: int | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
     ):
         if kind not in TEXT_KINDS:
             raise ValueError(f"kind must be one of {TEXT_KINDS}, got {kind!r}")
-        folder = _model_dir(model_path)
+        folder = _model_dir(model_path, revision, token)
         self.kind = detect_text_model_kind(folder) if kind == "auto" else kind
         self.device = resolve_device(device)
         self.dim: int | None = None
@@ -293,15 +297,19 @@ def extract_text_features(
     normalize: bool | None = None,
     max_length: int | None = None,
     show_progress: bool = True,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> np.ndarray:
-    """Float32 `[len(texts), dim]` text features from a local CLIP or sentence-transformers folder.
+    """Float32 `[len(texts), dim]` text features from a CLIP or sentence-transformers folder or Hub id.
 
     CLIP: the projected text embeddings (`CLIPModel.get_text_features`), not normalised unless `normalize`.
     sentence-transformers: `SentenceTransformer.encode` of the folder's own pipeline (masked mean pooling for
     all-MiniLM-L6-v2), L2-normalised when its modules.json lists a Normalize module unless `normalize` says
     otherwise, truncated to `max_length` or else the folder's `max_seq_length`.
     """
-    encoder = TextEncoder(model_path, kind=kind, device=device, normalize=normalize, max_length=max_length)
+    encoder = TextEncoder(
+        model_path, kind=kind, device=device, normalize=normalize, max_length=max_length, revision=revision, token=token
+    )
     with _progress_bar(len(texts), f"text features ({encoder.kind})", show_progress) as bar:
         return encoder.encode(texts, batch_size=batch_size, progress=bar)
 
@@ -335,10 +343,12 @@ class ImageEncoder:
         device: str | torch.device | None = None,
         normalize: bool = False,
         image_backend: str = "pil",
+        revision: str | None = None,
+        token: str | bool | None = None,
     ):
         from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
-        folder = _model_dir(model_path)
+        folder = _model_dir(model_path, revision, token)
         config = _model_config(folder)
         if not _is_clip_config(config):
             raise ValueError(
@@ -428,10 +438,14 @@ def extract_image_features(
     num_workers: int = 0,
     image_backend: str = "pil",
     show_progress: bool = True,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(features, present)`: float32 `[N, dim]` projected CLIP image embeddings (`get_image_features`) and a
     bool `[N]` mask. A None path, a missing file or an unreadable image gives a zero row and present False."""
-    encoder = ImageEncoder(model_path, device=device, normalize=normalize, image_backend=image_backend)
+    encoder = ImageEncoder(
+        model_path, device=device, normalize=normalize, image_backend=image_backend, revision=revision, token=token
+    )
     with _progress_bar(len(image_paths), "image features", show_progress) as bar:
         return encoder.encode(image_paths, batch_size=batch_size, num_workers=num_workers, progress=bar)
 
@@ -497,6 +511,8 @@ def extract_to_file(
     image_backend: str = "pil",
     show_progress: bool = True,
     keep_partial: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> ExtractionResult:
     """Extract features for `inputs` (texts for modality 'text', image paths for 'image') into `output_path`
     (`.npy`, float32 `[len(inputs), dim]`) and, if given, `raw_output_path` (raw float32, row-major, no header).
@@ -511,7 +527,7 @@ def extract_to_file(
     if not len(inputs):
         raise ValueError("no inputs to extract features for")
     began = time.perf_counter()
-    folder = _model_dir(model_path)
+    folder = _model_dir(model_path, revision, token)
     output_path = Path(output_path)
     raw_output_path = Path(raw_output_path) if raw_output_path is not None else None
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -611,7 +627,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_missrec.features",
         description="Extract frozen per-item text or image feature tables (one row per item, .item2index order) "
-        "from a local CLIP or sentence-transformers model folder.",
+        "from a CLIP or sentence-transformers model folder or Hub id.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
@@ -622,6 +638,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--data_dir", required=True, help="folder of the atomic files")
         command.add_argument("--dataset_name", help="the X of X.item2index (default: from the single X.train.inter)")
         command.add_argument("--model_path", required=True, help="encoder folder or Hub id (offline: cache)")
+        command.add_argument("--revision", help="branch, tag or commit of a Hub id (default: main)")
+        command.add_argument("--token", help="Hub token for a private repository (default: the stored login)")
         command.add_argument("--output", required=True, help="the .npy table to write")
         command.add_argument("--raw_output", help="also write the raw float32 layout (e.g. D/X.feat1CLS)")
         command.add_argument("--batch_size", type=int, default=64 if name == "text" else 32)
@@ -654,6 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw_ids = read_index_file(data_dir / f"{name}.item2index")
     common = dict(
         model_path=args.model_path,
+        revision=args.revision,
+        token=args.token,
         chunk_rows=args.chunk_rows,
         raw_output_path=args.raw_output,
         batch_size=args.batch_size,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants
@@ -97,3 +98,37 @@ def test_the_recommender_loads_from_a_hub_id_with_its_raw_ids(hub_cache, tmp_pat
     history = [["item3", "item4", "item5"]]
     expected = [(r.raw_item_id, r.score) for r in saved.recommend(history, k=5)[0]]
     assert [(r.raw_item_id, pytest.approx(r.score, abs=1e-6)) for r in loaded.recommend(history, k=5)[0]] == expected
+
+
+def test_feature_extractors_take_a_hub_id_and_its_revision(hub_cache, tmp_path):
+    pytest.importorskip("sentence_transformers")
+    from test_features import TEXTS, _write_sentence_model
+
+    from modeling_missrec.features import extract_text_features, extract_to_file, main
+
+    raw, _ = _write_sentence_model(tmp_path / "raw", normalize=False)
+    normalised, _ = _write_sentence_model(tmp_path / "normalised", normalize=True)
+    add_to_cache(hub_cache, "user/tiny-st", raw, "3" * 40, refs=("v1",))
+    add_to_cache(hub_cache, "user/tiny-st", normalised, "4" * 40, refs=("main",))
+    expected = {
+        name: extract_text_features(TEXTS, folder, show_progress=False)
+        for name, folder in (("v1", raw), ("main", normalised))
+    }
+    assert not torch.allclose(torch.from_numpy(expected["v1"]), torch.from_numpy(expected["main"]))
+    latest = extract_text_features(TEXTS, "user/tiny-st", show_progress=False)
+    pinned = extract_text_features(TEXTS, "user/tiny-st", revision="v1", token=False, show_progress=False)
+    assert (latest == expected["main"]).all() and (pinned == expected["v1"]).all()
+    result = extract_to_file(TEXTS, tmp_path / "out.npy", modality="text", model_path="user/tiny-st", revision="v1")
+    assert (np.load(result.output_path) == expected["v1"]).all()
+    with pytest.raises(FileNotFoundError, match="at revision 'v9'"):
+        extract_text_features(TEXTS, "user/tiny-st", revision="v9", show_progress=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "X.item2index").write_text("".join(f"i{n}\t{n}\n" for n in range(len(TEXTS))))
+    (data / "X.text").write_text(
+        "item_id:token\ttext:token_seq\n" + "".join(f"i{n}\t{t}\n" for n, t in enumerate(TEXTS))
+    )
+    output = tmp_path / "cli.npy"
+    argv = ["text", "--data_dir", str(data), "--dataset_name", "X", "--model_path", "user/tiny-st", "--revision", "v1"]
+    assert main([*argv, "--output", str(output), "--no_progress"]) == 0
+    assert (np.load(output) == expected["v1"]).all()
