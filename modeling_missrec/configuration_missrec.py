@@ -226,13 +226,19 @@ class MissrecConfig(PreTrainedConfig):
         )
 
 
-def _require(name: str, value, is_valid, allowed: str) -> None:
+def check_setting(name: str, value, is_valid, allowed: str) -> None:
+    """Raise `ValueError` naming the setting, its value and what is allowed, unless `is_valid(value)` (a
+    `TypeError` in the test counts as invalid). Shared by the config and the run arguments."""
     try:
         ok = bool(is_valid(value))
     except TypeError:
         ok = False
     if not ok:
-        raise ValueError(f"MissrecConfig.{name}={value!r} is invalid; allowed: {allowed}.")
+        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}.")
+
+
+def _require(name: str, value, is_valid, allowed: str) -> None:
+    check_setting(f"MissrecConfig.{name}", value, is_valid, allowed)
 
 
 def _require_choice(name: str, value, choices: tuple[str, ...]) -> None:

@@ -14,22 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .configuration_missrec import check_setting as _check
 from .data import ItemCatalog, find_dataset_name, load_atomic_dataset, load_item_catalog
 
 OPTIMIZERS = ("adam", "adamw")
 PRECISIONS = ("no", "fp16", "bf16", "auto")
 TRACKERS = ("auto", "none", "tensorboard")
 LR_SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
-
-
-def _check(name: str, value, is_valid, allowed: str) -> None:
-    """Raise `ValueError` naming the argument, its value and what is allowed, unless `is_valid(value)`."""
-    try:
-        ok = bool(is_valid(value))
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}.")
 
 
 def _is_int(value) -> bool:
@@ -214,8 +205,27 @@ def expand_path(path: str, name: str) -> str:
     return resolved
 
 
+class _FeatureFileArguments:
+    """What the fine-tuning and pre-training data arguments share: one feature file per modality, and the widths
+    of the raw float32 ones (a `.npy` file carries its own)."""
+
+    text_features: str | None
+    image_features: str | None
+    text_feature_size: int | None
+    image_feature_size: int | None
+
+    def feature_files(self) -> dict[str, str]:
+        files = {"text": self.text_features, "image": self.image_features}
+        return {m: f for m, f in files.items() if f}
+
+    def feature_sizes(self) -> dict[str, int]:
+        sizes = {"text": self.text_feature_size, "image": self.image_feature_size}
+        files = self.feature_files()
+        return {m: size for m, size in sizes.items() if size and m in files and not files[m].endswith(".npy")}
+
+
 @dataclass
-class DataArguments:
+class DataArguments(_FeatureFileArguments):
     """Which atomic files to read (reference §2.1). Paths may use environment variables, e.g.
     `${MISSREC_DATA_ROOT}/Scientific_mm_full`."""
 
@@ -246,16 +256,6 @@ class DataArguments:
     def __post_init__(self):
         if not 0.0 < self.train_users_fraction <= 1.0:
             raise ValueError(f"train_users_fraction={self.train_users_fraction!r} is invalid; allowed: (0, 1].")
-
-    def feature_files(self) -> dict[str, str]:
-        files = {"text": self.text_features, "image": self.image_features}
-        return {m: f for m, f in files.items() if f}
-
-    def feature_sizes(self) -> dict[str, int]:
-        sizes = {"text": self.text_feature_size, "image": self.image_feature_size}
-        return {
-            m: size for m, size in sizes.items() if size and not str(self.feature_files().get(m, "")).endswith(".npy")
-        }
 
     def resolved_data_dir(self) -> str:
         return expand_path(self.data_dir, "data_dir")
@@ -383,7 +383,7 @@ class PretrainingArguments(LoopArguments):
 
 
 @dataclass
-class PretrainDataArguments:
+class PretrainDataArguments(_FeatureFileArguments):
     """The pre-training domains: atomic-file folders whose train rows are merged (reference §2.4)."""
 
     domain_dirs: list[str] = field(
@@ -409,15 +409,6 @@ class PretrainDataArguments:
             "nothing trained) and NDCG@10 is logged, so that you can see the backbone learn."
         },
     )
-
-    def feature_files(self) -> dict[str, str]:
-        files = {"text": self.text_features, "image": self.image_features}
-        return {m: f for m, f in files.items() if f}
-
-    def feature_sizes(self) -> dict[str, int]:
-        sizes = {"text": self.text_feature_size, "image": self.image_feature_size}
-        files = self.feature_files()
-        return {m: size for m, size in sizes.items() if size and m in files and not files[m].endswith(".npy")}
 
     def resolved_domain_dirs(self) -> list[str]:
         return [expand_path(d, "domain_dirs") for d in self.domain_dirs]
