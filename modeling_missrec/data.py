@@ -88,6 +88,15 @@ def _text_lines(path: Path, start: int = 1):
                 ) from None
 
 
+def _rows_after_header(path: Path, expected: list[str]):
+    """`_text_lines` of an atomic TSV after checking its header line against `expected`."""
+    lines = _text_lines(path)
+    header = next(lines, (1, ""))[1].split("\t")
+    if header != expected:
+        raise AtomicFileError(f"{path}:1: expected header {expected}, got {header}")
+    return lines
+
+
 def read_index_file(path: str | os.PathLike) -> list[str]:
     """Raw ids of an `.item2index` / `.user2index` file, ordered by their 0-based index."""
     path = Path(path)
@@ -119,11 +128,7 @@ def read_text_file(path: str | os.PathLike, raw_item_ids: Sequence[str]) -> list
     """Item texts in index order; an item with no line gets an empty text (counted and logged)."""
     path = Path(path)
     by_raw: dict[str, str] = {}
-    lines = _text_lines(path)
-    header = next(lines, (1, ""))[1].split("\t")
-    if header != TEXT_HEADER:
-        raise AtomicFileError(f"{path}:1: expected header {TEXT_HEADER}, got {header}")
-    for line_number, line in lines:
+    for line_number, line in _rows_after_header(path, TEXT_HEADER):
         if not line:
             continue
         raw, _, text = line.partition("\t")
@@ -142,21 +147,16 @@ def read_image_file(path: str | os.PathLike, raw_item_ids: Sequence[str]) -> lis
     relative to the file's folder or absolute). An item with no line or an empty path gets None (counted)."""
     path = Path(path)
     by_raw: dict[str, Path] = {}
-    with open(path, encoding="utf-8") as handle:
-        header = handle.readline().rstrip("\r\n").split("\t")
-        if header != IMAGE_HEADER:
-            raise AtomicFileError(f"{path}:1: expected header {IMAGE_HEADER}, got {header}")
-        for line_number, line in enumerate(handle, start=2):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            raw, separator, image = line.partition("\t")
-            if not separator:
-                raise AtomicFileError(f"{path}:{line_number}: expected 'item id<TAB>image path', got {line!r}")
-            if raw in by_raw:
-                raise AtomicFileError(f"{path}:{line_number}: item {raw!r} has a second image line")
-            if image.strip():
-                by_raw[raw] = path.parent / image.strip()  # an absolute path replaces the folder
+    for line_number, line in _rows_after_header(path, IMAGE_HEADER):
+        if not line.strip():
+            continue
+        raw, separator, image = line.partition("\t")
+        if not separator:
+            raise AtomicFileError(f"{path}:{line_number}: expected 'item id<TAB>image path', got {line!r}")
+        if raw in by_raw:
+            raise AtomicFileError(f"{path}:{line_number}: item {raw!r} has a second image line")
+        if image.strip():
+            by_raw[raw] = path.parent / image.strip()  # an absolute path replaces the folder
     paths = [by_raw.get(raw) for raw in raw_item_ids]
     missing = sum(p is None for p in paths)
     if missing:
@@ -179,11 +179,7 @@ def read_inter_file(path: str | os.PathLike, num_items: int) -> dict[str, np.nda
     targets: list[int] = []
     flat: list[int] = []
     offsets = [0]
-    lines = _text_lines(path)
-    header = next(lines, (1, ""))[1].split("\t")
-    if header != INTER_HEADER:
-        raise AtomicFileError(f"{path}:1: expected header {INTER_HEADER}, got {header}")
-    for line_number, line in lines:
+    for line_number, line in _rows_after_header(path, INTER_HEADER):
         if not line:
             continue
         fields = line.split("\t")

@@ -395,6 +395,12 @@ class MissrecInterestTokenizer(nn.Module):
         self.item_interest_ids = torch.cat([self.item_interest_ids, new_ids], dim=1)
 
     @torch.no_grad()
+    def resize(self, num_interests: int) -> None:
+        """Zero centroids `[num_interests + 1, H]`: the shape of a saved or broadcast interest state (K varies
+        from one refresh to the next), to be loaded into."""
+        self.centroids = self.centroids.new_zeros(num_interests + 1, self.centroids.shape[1])
+
+    @torch.no_grad()
     def set_state(self, centroids: torch.Tensor, item_interest_ids: torch.Tensor) -> None:
         padded = torch.zeros(centroids.shape[0] + 1, centroids.shape[1], device=centroids.device)
         padded[1:] = centroids

@@ -79,8 +79,7 @@ def refresh_interests(accelerator: Accelerator, model, seed: int, refresh=None) 
     if isinstance(k[0], str):
         raise RuntimeError(f"interest refresh failed on the main process: {k[0]}")
     if not accelerator.is_main_process:
-        tokenizer.centroids = torch.zeros(k[0] + 1, model.config.hidden_size, device=tokenizer.centroids.device)
-        model.config.num_interests = k[0]
+        _resize_interest_state(model, k[0])
     tokenizer.centroids = broadcast(tokenizer.centroids.contiguous())
     tokenizer.item_interest_ids = broadcast(tokenizer.item_interest_ids.contiguous())
     return k[0]
@@ -96,10 +95,7 @@ def _is_peft(model) -> bool:
 
 def _resize_interest_state(model, num_interests: int) -> None:
     """Give the centroid buffer the shape of a saved interest state before loading into it (K varies)."""
-    tokenizer = model.missrec.interest_tokenizer
-    tokenizer.centroids = torch.zeros(
-        num_interests + 1, model.config.hidden_size, device=tokenizer.centroids.device, dtype=tokenizer.centroids.dtype
-    )
+    model.missrec.interest_tokenizer.resize(num_interests)
     model.config.num_interests = num_interests
 
 
