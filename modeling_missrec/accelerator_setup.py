@@ -9,7 +9,7 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
 from .training_args import TrainingArguments
 
@@ -46,6 +46,8 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
         log_with=log_with,
         project_dir=args.output_dir,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        # a batch copied to the GPU from pinned memory need not block the host (pin_memory: data.build_loader)
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
 
 

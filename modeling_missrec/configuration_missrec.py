@@ -18,6 +18,7 @@ KMEANS_INITS = ("k-means++", "batched-k-means++", "random")
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "silu")
 REGULARIZER_REDUCTIONS = ("sum", "mean")
 REGULARIZER_POOLINGS = ("mean", "original", "batch_share")
+INTEREST_SET_WIDTHS = ("longest", "static")
 LOSS_TYPES = ("full", "sampled")
 NEGATIVE_SAMPLERS = ("uniform", "popularity")
 
@@ -73,6 +74,11 @@ class MissrecConfig(PreTrainedConfig):
             original's weighting over the real slots only. On scientific_mm (transductive, 3 seeds) "original"
             gives test NDCG@10 0.0824 +- 0.0004 against 0.0820 +- 0.0018 for "mean" (paired difference +0.0004,
             95% interval [-0.0051, +0.0058]): no difference shown.
+        interest_set_width (`str`, "longest"): slots of a batch's interest sets. "longest": the batch's largest
+            set (the fewest slots, but its size is read back from the device at every forward: a host sync);
+            "static": M x L slots (every slot a history's items could fill), no sync, and with histories padded
+            to a few lengths (`pad_to_multiple_of`) shapes repeat, as `torch.compile` and a GPU want. The extra
+            slots are masked: the same values up to float rounding (tested).
 
     Scoring
         item_fusion (`str`, "dynamic_shared"): how per-modality cosine scores are mixed: softmax over modalities
@@ -143,6 +149,7 @@ class MissrecConfig(PreTrainedConfig):
     interest_reg_weight: float = 1e-4
     interest_reg_reduction: str = "sum"
     interest_reg_pooling: str = "mean"
+    interest_set_width: str = "longest"
     item_fusion: str = "dynamic_shared"
     sequence_fusion: str = "add"
     fusion_factor_init: float = 0.0
@@ -212,6 +219,7 @@ class MissrecConfig(PreTrainedConfig):
         _require_choice("interest_reg_reduction", self.interest_reg_reduction, REGULARIZER_REDUCTIONS)
         _require_choice("interest_reg_pooling", self.interest_reg_pooling, REGULARIZER_POOLINGS)
         _require_choice("loss_type", self.loss_type, LOSS_TYPES)
+        _require_choice("interest_set_width", self.interest_set_width, INTEREST_SET_WIDTHS)
         _require_choice("negative_sampling", self.negative_sampling, NEGATIVE_SAMPLERS)
         _require("num_negatives", self.num_negatives, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
         terms = {f"{m}_cosine" for m in KNOWN_MODALITIES} | {"in_history", "log_count"}

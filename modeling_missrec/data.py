@@ -421,15 +421,17 @@ def dataset_statistics(dataset: DatasetDict, num_items: int) -> dict[str, float]
 
 # -------------------------------------------------------------------------------------------- batching
 def pad_histories(
-    items: np.ndarray, offsets: np.ndarray, rows: np.ndarray, max_seq_length: int
+    items: np.ndarray, offsets: np.ndarray, rows: np.ndarray, max_seq_length: int, pad_to_multiple_of: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded `[len(rows), W]` histories of the given CSR rows, W = the longest in this batch (at most
-    `max_seq_length`, keeping the most recent items), and their lengths. Vectorised: no loop over rows."""
+    `max_seq_length`, keeping the most recent items) rounded up to a multiple of `pad_to_multiple_of` (still at
+    most `max_seq_length`), and their lengths. Vectorised: no loop over rows."""
     rows = np.asarray(rows, dtype=np.int64)
     ends = offsets[rows + 1]
     lengths = np.minimum(ends - offsets[rows], max_seq_length)
     starts = ends - lengths
     width = max(int(lengths.max(initial=1)), 1)
+    width = min(-(-width // pad_to_multiple_of) * pad_to_multiple_of, max(max_seq_length, width))
     positions = np.arange(width)
     valid = positions[None, :] < lengths[:, None]
     source = np.minimum(starts[:, None] + positions[None, :], max(len(items) - 1, 0))
@@ -441,7 +443,7 @@ class HistoryDataset(torch.utils.data.Dataset):
     """A split held as CSR arrays; `__getitems__` returns a whole padded batch at once, so the DataLoader's
     collation is vectorised (torch calls `__getitems__` with the batch's indices)."""
 
-    def __init__(self, split: Dataset | Mapping[str, np.ndarray], max_seq_length: int):
+    def __init__(self, split: Dataset | Mapping[str, np.ndarray], max_seq_length: int, pad_to_multiple_of: int = 1):
         if isinstance(split, Dataset):
             columns = split.with_format("numpy")[:]
             histories = columns["history"]
@@ -454,6 +456,7 @@ class HistoryDataset(torch.utils.data.Dataset):
             self.items, self.offsets = split["items"], split["offsets"]
             self.users, self.targets = split["user"], split["target"]
         self.max_seq_length = max_seq_length
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.lengths = np.minimum(np.diff(self.offsets), max_seq_length)
 
     def __len__(self) -> int:
@@ -464,7 +467,7 @@ class HistoryDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         rows = np.asarray(indices, dtype=np.int64)
-        padded, lengths = pad_histories(self.items, self.offsets, rows, self.max_seq_length)
+        padded, lengths = pad_histories(self.items, self.offsets, rows, self.max_seq_length, self.pad_to_multiple_of)
         return {
             "input_ids": torch.from_numpy(padded),
             "attention_mask": torch.from_numpy(padded != 0),
@@ -613,8 +616,9 @@ def build_loader(
     group_factor: int,
     num_workers: int,
     min_fill: float = 0.0,
+    pad_to_multiple_of: int = 1,
 ) -> DataLoader:
-    dataset = HistoryDataset(split, max_seq_length)
+    dataset = HistoryDataset(split, max_seq_length, pad_to_multiple_of)
     sampler = LengthGroupedBatchSampler(
         dataset.lengths,
         batch_size,

@@ -513,7 +513,7 @@ def _gather_interests(item_ids: Tensor, interest_lookups: Sequence[Tensor]) -> T
     return torch.cat([lookup.to(item_ids.device)[item_ids] for lookup in interest_lookups], dim=1)
 
 
-def interest_sets(item_ids: Tensor, interest_lookups: Sequence[Tensor]) -> Tensor:
+def interest_sets(item_ids: Tensor, interest_lookups: Sequence[Tensor], static_width: bool = False) -> Tensor:
     """Per history, the ascending set of non-zero interest ids its items touch, left-compacted: ``[B, Q]``.
 
     Args:
@@ -524,7 +524,8 @@ def interest_sets(item_ids: Tensor, interest_lookups: Sequence[Tensor]) -> Tenso
     Returns:
         ``[B, Q]`` int64, each row's unique non-zero ids ascending then 0-padded on the right, with Q the
         largest set size in the batch (Q >= 1 even when every set is empty, so downstream code never sees a
-        0-width tensor).
+        0-width tensor); with `static_width`, Q = M x L (the most a row can hold), which needs no read-back of
+        the set sizes from the device.
 
     Fully vectorised: sort each row, keep entries that are non-zero and differ from their left neighbour, and
     scatter them to their rank (cumsum of the keep mask); dropped entries go to a scratch column.
@@ -536,8 +537,10 @@ def interest_sets(item_ids: Tensor, interest_lookups: Sequence[Tensor]) -> Tenso
     ordered = ids.sort(dim=1).values
     keep = ordered != 0
     keep[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
-    sizes = keep.sum(dim=1)
-    width = max(1, int(sizes.max())) if batch > 0 else 1
+    if static_width:
+        width = ids.shape[1]
+    else:
+        width = max(1, int(keep.sum(dim=1).max())) if batch > 0 else 1
     rank = keep.cumsum(dim=1) - 1
     target = torch.where(keep, rank, torch.full_like(rank, width))
     out = torch.zeros(batch, width + 1, dtype=torch.long, device=ids.device)

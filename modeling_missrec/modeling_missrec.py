@@ -372,10 +372,11 @@ class MissrecInterestTokenizer(nn.Module):
         num_modalities = len(config.modalities)
         self.register_buffer("centroids", torch.zeros(config.num_interests + 1, config.hidden_size))
         self.register_buffer("item_interest_ids", torch.zeros(num_modalities, config.num_items + 1, dtype=torch.long))
+        self.static_width = config.interest_set_width == "static"
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Interest ids `[B, Q]` of each history's interest set, their centroid vectors and their mask."""
-        ids = interest_sets(input_ids, list(self.item_interest_ids))
+        ids = interest_sets(input_ids, list(self.item_interest_ids), self.static_width)
         mask = ids != 0
         # A history none of whose items has an interest (before the first refresh) would leave attention with
         # no key at all; let it attend to one zero token instead of producing NaN.

@@ -142,6 +142,16 @@ class _AcceleratedLoop:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.prepared_model)
 
+    @property
+    def training_forward(self):
+        """What the training step calls: the prepared model, or (`torch_compile`) its compiled form, built once
+        and sharing its parameters; evaluation and saving keep the eager model."""
+        if not self.args.torch_compile:
+            return self.prepared_model
+        if getattr(self, "_compiled", None) is None:
+            self._compiled = torch.compile(self.prepared_model)
+        return self._compiled
+
     def log(self, message: str, *args) -> None:
         if self.accelerator.is_main_process:
             logger.info(message, *args)
@@ -295,7 +305,7 @@ class _AcceleratedLoop:
             if args.max_steps_per_epoch is not None and step >= args.max_steps_per_epoch:
                 break
             with self.accelerator.accumulate(model):
-                loss = self.compute_loss(model, batch)
+                loss = self.compute_loss(self.training_forward, batch)
                 self.accelerator.backward(loss)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -330,6 +340,7 @@ class MissrecTrainer(_AcceleratedLoop):
             args.seed,
             args.group_factor,
             args.dataloader_num_workers,
+            pad_to_multiple_of=args.pad_to_multiple_of,
         )
         counts = np.bincount(self.train_loader.dataset.targets, minlength=model.config.num_items + 1)
         if model.config.loss_type == "sampled":  # the in-batch candidates' probabilities, for the logQ correction

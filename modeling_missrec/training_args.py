@@ -87,6 +87,15 @@ class LoopArguments:
         },
     )
 
+    torch_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile the model with torch.compile (Accelerate's inductor backend) for the training step; "
+            "evaluation stays eager. Shapes that repeat avoid recompiles: pair it with --pad_to_multiple_of and "
+            "the config's interest_set_width=static."
+        },
+    )
+
     def __post_init__(self):
         for name in (
             "num_train_epochs",
@@ -151,6 +160,13 @@ class TrainingArguments(LoopArguments):
             "with several the batches stay of equal size."
         },
     )
+    pad_to_multiple_of: int = field(
+        default=1,
+        metadata={
+            "help": "Pad each training batch's histories to a multiple of this length (at most max_seq_length): "
+            "1 = the batch's own longest; 8 gives a few repeating shapes (for torch_compile and GPUs)."
+        },
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hub at the end."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. 'user/missrec-office'."})
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
@@ -158,6 +174,7 @@ class TrainingArguments(LoopArguments):
     def __post_init__(self):
         super().__post_init__()
         _check("eval_block_size", self.eval_block_size, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        _check("pad_to_multiple_of", self.pad_to_multiple_of, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
         _check("early_stopping_patience", self.early_stopping_patience, lambda v: _is_int(v) and v >= 0,
                "an integer >= 0 (evaluations without improvement before stopping)")  # fmt: skip
         _check("metric_cutoff_offset", self.metric_cutoff_offset, (0, 1).__contains__,

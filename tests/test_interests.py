@@ -102,6 +102,16 @@ def test_interest_sets_order_invariant(case: tuple[torch.Tensor, list[torch.Tens
     assert torch.equal(interest_sets(item_ids[:, perm], lookups), interest_sets(item_ids, lookups))
 
 
+@settings(deadline=None, max_examples=60)
+@given(_histories())
+def test_static_width_is_the_same_sets_padded_to_every_slot(case: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    item_ids, lookups = case
+    exact = interest_sets(item_ids, lookups)
+    static = interest_sets(item_ids, lookups, static_width=True)
+    assert static.shape == (item_ids.shape[0], max(1, item_ids.shape[1] * len(lookups)))
+    assert torch.equal(static[:, : exact.shape[1]], exact) and not static[:, exact.shape[1] :].any()
+
+
 def test_interest_sets_shape_and_content() -> None:
     text = torch.tensor([0, 3, 1, 3, 0, 2])
     image = torch.tensor([0, 5, 0, 4, 4, 0])  # items 2 and 5 have no image interest
