@@ -132,10 +132,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- training step
-def build_model(args, device: torch.device) -> tuple[MissrecForSequentialRecommendation, dict]:
-    """The reference configuration over a random catalogue, interests refreshed once."""
+def build_model(args, device: torch.device, **config_fields) -> tuple[MissrecForSequentialRecommendation, dict]:
+    """The reference configuration (with `config_fields` changed) over a random catalogue, interests refreshed
+    once."""
     torch.manual_seed(args.seed)
-    config = MissrecConfig(num_items=args.num_items, use_item_ids=True)
+    config = MissrecConfig(num_items=args.num_items, use_item_ids=True, **config_fields)
     model = MissrecForSequentialRecommendation(config)
     generator = torch.Generator().manual_seed(args.seed)
     features = {m: torch.randn(args.num_items, config.feature_size(m), generator=generator) for m in config.modalities}
@@ -171,7 +172,9 @@ def real_lengths(split: str) -> np.ndarray:
     return np.diff(read_inter_file(lengths_file(split), num_items)["offsets"])
 
 
-def make_batches(scenario: str, args, lengths_pool: np.ndarray, max_len: int) -> list[dict[str, torch.Tensor]]:
+def make_batches(
+    scenario: str, args, lengths_pool: np.ndarray, max_len: int, pad_to_multiple_of: int = 1
+) -> list[dict[str, torch.Tensor]]:
     """`warmup + steps` batches built by the trainer's own sampler and `HistoryDataset` collation."""
     count = args.warmup + args.steps
     rows = count * args.batch_size
@@ -187,7 +190,7 @@ def make_batches(scenario: str, args, lengths_pool: np.ndarray, max_len: int) ->
         "user": np.arange(rows, dtype=np.int64),
         "target": rng.integers(1, args.num_items + 1, size=rows, dtype=np.int64),
     }
-    dataset = HistoryDataset(split, max_len)
+    dataset = HistoryDataset(split, max_len, pad_to_multiple_of)
     group_factor = GROUP_FACTORS.get(scenario, 1)
     sampler = LengthGroupedBatchSampler(
         dataset.lengths, args.batch_size, shuffle=True, seed=args.seed, group_factor=group_factor
