@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One check for a GPU machine, under 8 minutes: the test suite on CUDA, then training and full-ranking
+# One check for a GPU machine, under 13 minutes (its timeouts add up to 12.5): the test suite on CUDA, then training and full-ranking
 # evaluation at the Office scale of the paper (synthetic: 87,346 users, 25,986 items, 422,799 training
-# rows) in fp32 and bf16, and k-means on the GPU; a short table last.
+# rows) in fp32 and bf16, k-means on the GPU, the static-shape and compiled training step
+# (bench/static_shapes.py), and the full against the sampled softmax at 100k and 1M items.
 #
 #   bash bench/gpu_check.sh [RESULTS_DIR]          # default: bench/results
 #
@@ -42,3 +43,14 @@ timeout 280 "$PYTHON" bench/scale.py --preset office --device cuda --precisions 
     --eval_users 0 --kmeans 100000 1000000 --kmeans_init k-means++ batched-k-means++ \
     --output_dir "$RESULTS" --output_name gpu_office | tail -22
 echo "office: $((SECONDS - START)) s"
+
+echo "== shapes that repeat: the defaults, static interest sets + padded histories, the compiled step"
+START=$SECONDS
+timeout 120 "$PYTHON" bench/static_shapes.py --device cuda --steps 50 --output_dir "$RESULTS" | tail -8
+echo "static shapes: $((SECONDS - START)) s"
+
+echo "== full against sampled softmax at 100k and 1M items"
+START=$SECONDS
+timeout 150 "$PYTHON" bench/scale.py --num_items 100000 1000000 --losses full sampled --device cuda --train_steps 5 \
+    --warmup_steps 2 --eval_users 10000 --output_dir "$RESULTS" --output_name gpu_scale_losses | tail -10
+echo "losses: $((SECONDS - START)) s"
