@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One check for a GPU machine, under 13 minutes (its timeouts add up to 12.5): the test suite on CUDA, then training and full-ranking
+# One check for a GPU machine, under 13 minutes (its timeouts add up to 12.5): the test suite on CUDA, then
+# training and full-ranking
 # evaluation at the Office scale of the paper (synthetic: 87,346 users, 25,986 items, 422,799 training
 # rows) in fp32 and bf16, k-means on the GPU, the static-shape and compiled training step
 # (bench/static_shapes.py), and the full against the sampled softmax at 100k and 1M items.
