@@ -9,7 +9,8 @@
 #
 # The machine needs torch with CUDA and the project's dependencies. Where it has no package index, put
 # wheels of what it lacks in .whl/ (they are installed into /tmp/site, nothing else is touched).
-# Writes RESULTS_DIR/gpu_tests.log, gpu_office.{json,md} and gpu_check.log.
+# Writes RESULTS_DIR/gpu_tests.log, gpu_office.{json,md}, static_shapes.{json,md}, gpu_scale_losses.{json,md,png}
+# and gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-bench/results}

@@ -372,11 +372,12 @@ class MissrecInterestTokenizer(nn.Module):
         num_modalities = len(config.modalities)
         self.register_buffer("centroids", torch.zeros(config.num_interests + 1, config.hidden_size))
         self.register_buffer("item_interest_ids", torch.zeros(num_modalities, config.num_items + 1, dtype=torch.long))
-        self.static_width = config.interest_set_width == "static"
+        self.config = config
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Interest ids `[B, Q]` of each history's interest set, their centroid vectors and their mask."""
-        ids = interest_sets(input_ids, list(self.item_interest_ids), self.static_width)
+        static_width = self.config.interest_set_width == "static"
+        ids = interest_sets(input_ids, list(self.item_interest_ids), static_width)
         mask = ids != 0
         # A history none of whose items has an interest (before the first refresh) would leave attention with
         # no key at all; let it attend to one zero token instead of producing NaN.
@@ -700,7 +701,8 @@ class MissrecModel(MissrecPreTrainedModel):
         if pooling == "mean":
             pooled = summed / count.clamp_min(1.0)
         elif pooling == "batch_share":
-            pooled = summed * (count / interest_ids.shape[1])
+            # Q = the batch's largest set (not the tensor's width, which interest_set_width="static" pads)
+            pooled = summed * (count / count.max().clamp_min(1.0))
         else:
             if padding_state is None or zero_in_set is None:
                 raise ValueError('interest_reg_pooling="original" needs the padding slot state and zero_in_set')

@@ -106,6 +106,7 @@ class _AcceleratedLoop:
     def __init__(self, model, args):
         self.args = args
         self.accelerator = make_accelerator(args)
+        self._compiled = None  # the compiled training forward, built on first use (torch_compile)
         use_available_cores(self.accelerator, args.num_threads)
         set_seed(args.seed)
         self.output_dir = Path(args.output_dir)
@@ -148,7 +149,7 @@ class _AcceleratedLoop:
         and sharing its parameters; evaluation and saving keep the eager model."""
         if not self.args.torch_compile:
             return self.prepared_model
-        if getattr(self, "_compiled", None) is None:
+        if self._compiled is None:
             self._compiled = torch.compile(self.prepared_model)
         return self._compiled
 

@@ -90,7 +90,7 @@ class LoopArguments:
     torch_compile: bool = field(
         default=False,
         metadata={
-            "help": "Compile the model with torch.compile (Accelerate's inductor backend) for the training step; "
+            "help": "Compile the model with torch.compile (inductor) for the training step; "
             "evaluation stays eager. Shapes that repeat avoid recompiles: pair it with --pad_to_multiple_of and "
             "the config's interest_set_width=static."
         },

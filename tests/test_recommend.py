@@ -100,6 +100,19 @@ def test_the_model_itself_grows_its_catalogue(trained, tmp_path):
     assert again.config.num_items == 42 and again.catalog.raw_item_ids == model.catalog.raw_item_ids
 
 
+def test_items_added_before_the_first_refresh_have_no_interest_yet():
+    from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
+
+    config = MissrecConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_items=5,
+                           text_feature_size=4, image_feature_size=3, use_item_ids=False)  # fmt: skip
+    model = MissrecForSequentialRecommendation(config).eval()
+    model.load_item_features({"text": torch.randn(5, 4), "image": torch.randn(5, 3)})
+    assert model.add_items({"text": torch.randn(2, 4), "image": torch.randn(2, 3)}) == [6, 7]
+    ids = model.missrec.interest_tokenizer.item_interest_ids
+    assert ids.shape == (2, 8) and not ids.any()
+    assert model.refresh_interests(seed=0) >= 1 and model.missrec.interest_tokenizer.item_interest_ids[:, 6:].all()
+
+
 def test_transductive_models_refuse_new_items(tmp_path):
     folder = write_planted_dataset(tmp_path / "data")
     trainer = make_trainer(folder, tmp_path / "out", mode="transductive", num_train_epochs=1)
