@@ -41,7 +41,9 @@ class AtomicFileError(ValueError):
 
 @dataclass
 class ItemCatalog:
-    """One domain's items: raw ids in index order, frozen features and modality-present masks per modality.
+    """One domain's items as read from its atomic files: raw ids in index order, frozen features and
+    modality-present masks per modality (numpy). A model holds its own copy as buffers,
+    `item_catalog.MissrecItemCatalog`, filled from this by `load_item_features`.
 
     `features[m]` is `[num_items, F_m]` float32 (row i = item id i + 1); `present[m]` is `[num_items]` bool,
     False where the row is all zeros (a missing modality).
