@@ -519,7 +519,8 @@ def extract_to_file(
 
     Chunks of `chunk_rows` rows are saved to `<output>.partial/chunk-00000.npy` ...; a rerun with the same
     inputs and settings reuses the finished chunks (and loads no model if all are done). Both outputs are
-    moved into place with `os.replace`, then the partial folder is removed (unless `keep_partial`)."""
+    moved into place whole (`atomic`), then the partial folder is removed (unless `keep_partial`). Long for its
+    seventeen arguments, passed on to the encoders; the work is in `_compute_chunks` and `_assemble_table`."""
     if modality not in ("text", "image"):
         raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
     if chunk_rows < 1:

@@ -593,6 +593,9 @@ class MissrecModel(MissrecPreTrainedModel):
             the last. The heads pass `config.last_position_only` (True; False runs the reference).
         output_attentions / output_hidden_states: also return every encoder and decoder layer's attention
             weights (computed by the eager function) / input states (default: the config's).
+
+        Long for its arguments and outputs; the steps are the masks, `encode_interests`, `embed_items` and the
+        decoder.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -1465,7 +1468,8 @@ class MissrecForPreTraining(MissrecPreTrainedModel):
     ) -> MissrecPreTrainingOutput | tuple:
         """Histories `input_ids` `[B, L]` with their features `{m: [B, L, F_m]}`, next items `target_features`
         `{m: [B, F_m]}` (and their global ids for duplicate masking), optionally an augmented view.
-        `regularizer_scale`: see `_regularizer_scale`."""
+        `regularizer_scale`: see `_regularizer_scale`. Long for its two views' arguments; the objectives are
+        `_sequence_item_loss`, `augmented_view_loss` and `_total_loss`."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         rank, world = rank_and_world_size()
         config = self.config
