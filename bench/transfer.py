@@ -52,7 +52,10 @@ from common import (
     write_json_atomically,
     write_text_atomically,
 )
+from finetune_quality import DATASETS
 from quality import METRICS, mean_std, paired, run_finetune_quality
+from quality import as_today as quality_as_today
+from quality import recorded_runs as quality_recorded_runs
 
 from modeling_missrec.data import load_atomic_dataset, read_index_file
 from modeling_missrec.metrics import metrics_from_ranks
@@ -89,6 +92,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work_dir", type=Path, default=BENCH_DIR / "scratch" / "transfer", help="Scratch folder.")
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_RESULTS_DIR, help="Where results are written.")
     parser.add_argument("--summarise", action="store_true", help="Rewrite the summary from the runs; train nothing.")
+    parser.add_argument(
+        "--scratch_from",
+        type=Path,
+        default=None,
+        help="A bench/quality.py runs file (quality_runs.json) whose shipped-defaults runs (config `default`) of "
+        "this dataset, the grid's modes and seeds are the scratch runs, instead of training them again: the same "
+        "finetune_quality.py protocol and features. Only where quality.py's text features are transfer.py's "
+        "(scientific_full) and in the full regime; each imported run keeps its commit and command.",
+    )
     args = parser.parse_args(argv)
     needs_backbone = {"frozen", "full", "lora", "zero-shot"} & set(args.methods)
     if needs_backbone and not args.summarise and not (args.pretrained / "model.safetensors").exists():
@@ -185,6 +197,35 @@ def popularity(args, data_root: Path, seed: int) -> dict:
     }  # fmt: skip
 
 
+def imported_scratch_runs(path: Path, dataset: str, modes: list[str], seeds: list[int], regime: str) -> list[dict]:
+    """The scratch runs of `--scratch_from`: bench/quality.py's runs of the shipped defaults, named as this
+    script names a scratch run. quality.py trains every user with its set's own features, so only a set whose
+    text features are this script's (MiniLM) and the full regime qualify."""
+    if regime != "full":
+        raise SystemExit(f"--scratch_from: quality.py trains on every training user, not on {regime} of them")
+    if DATASETS[dataset]["text_features"] != TEXT:
+        raise SystemExit(
+            f"--scratch_from: quality.py trains {dataset} on {DATASETS[dataset]['text_features']}, this script on "
+            f"{TEXT}: not the same runs"
+        )
+    imported = []
+    for run in map(quality_as_today, quality_recorded_runs(path)):
+        if (run["dataset"], run["config"]) != (dataset, "default") or run["mode"] not in modes:
+            continue
+        if run["seed"] in seeds and run.get("max_steps_per_epoch") is None and not run.get("training_overrides"):
+            imported.append(
+                {
+                    **run,
+                    "method": "scratch",
+                    "regime": regime,
+                    "pretrained": "",
+                    "backbone": "",
+                    "imported_from": str(path),
+                }
+            )
+    return imported
+
+
 # ---------------------------------------------------------------------------------------------------- summary
 def summarise(runs: list[dict]) -> list[dict]:
     groups: dict[tuple, dict[int, dict]] = {}
@@ -207,6 +248,7 @@ def summarise(runs: list[dict]) -> list[dict]:
             "valid": {m: v[0] for m, v in valid.items()}, "valid_std": {m: v[1] for m, v in valid.items()},
             "seconds_per_epoch": statistics.fmean(by_seed[s]["seconds_per_epoch"] for s in seeds),
             "best_epochs": [by_seed[s]["best_epoch"] for s in seeds],
+            "imported_from": sorted({by_seed[s]["imported_from"] for s in seeds if by_seed[s].get("imported_from")}),
         }  # fmt: skip
         base = groups.get((dataset, mode, regime, "scratch", "", overrides))
         if base is not None and method not in ("scratch", "popularity"):
@@ -244,6 +286,13 @@ def render(records: list[dict], header: dict, pretrained: str) -> str:
     headers = ["dataset", "mode", "regime", "method", "backbone", "overrides", "seeds", "trainable", "NDCG@10", "HR@10",
                "NDCG@50", "HR@50"]  # fmt: skip
     lines.append(markdown_table([*headers, "paired Δ NDCG@10 vs scratch", "best epochs", "s/epoch"], rows))
+    imported = [r for r in records if r.get("imported_from")]
+    if imported:
+        lines += ["", "Runs taken from bench/quality.py (`--scratch_from`; the same protocol and features):", ""]
+        for r in imported:
+            seeds = " ".join(map(str, r["seeds"]))
+            lines.append(f"- {r['dataset']} / {r['mode']} / {r['regime']} / {r['method']}: seeds {seeds} from "
+                         f"`{', '.join(r['imported_from'])}`")  # fmt: skip
     return "\n".join(lines) + "\n"  # fmt: skip
 
 
@@ -255,6 +304,8 @@ def main(argv=None) -> None:
         data_root = resolve_data_root(args.data_root)
         backbone = backbone_fingerprint(args.pretrained) if (args.pretrained / "config.json").exists() else ""
         overrides = parse_model_overrides(args.model_overrides)
+        if args.scratch_from is not None:
+            runs = import_scratch(args, runs_path, runs)
         done = {(*run_group(r), r["seed"], r.get("max_steps_per_epoch")) for r in runs}  # a run of another
         # backbone or other overrides is not this one
         grid = [(mode, seed, method) for mode in args.modes for seed in args.seeds for method in args.methods
@@ -287,6 +338,22 @@ def main(argv=None) -> None:
             print(f"    test NDCG@10 {run['test']['ndcg@10']:.4f}  HR@10 {run['test']['hr@10']:.4f}", flush=True)
     write_summary(args, runs)
     print(f"written: {runs_path}, {args.output_dir / 'transfer.json'}, {args.output_dir / 'transfer.md'}")
+
+
+def import_scratch(args, runs_path: Path, runs: list[dict]) -> list[dict]:
+    """Append the `--scratch_from` runs that are not recorded yet to the runs file; returns today's runs."""
+    have = {(*run_group(r), r["seed"]) for r in runs if r.get("max_steps_per_epoch") is None}
+    new = [
+        r
+        for r in imported_scratch_runs(args.scratch_from, args.dataset, args.modes, args.seeds, args.regime)
+        if (*run_group(as_today(r)), r["seed"]) not in have
+    ]
+    if new:
+        recorded = [*recorded_runs(runs_path), *new]
+        write_json_atomically(runs_path, {"runs": recorded})
+        print(f"{len(new)} scratch runs taken from {args.scratch_from}", flush=True)
+        return [as_today(r) for r in recorded]
+    return runs
 
 
 def write_summary(args, runs: list[dict]) -> None:
