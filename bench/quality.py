@@ -136,7 +136,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data_root", default=None, help="Shared data folder (default: $MISSREC_SHARED_DATA).")
     parser.add_argument("--dataset", default="scientific_mm", choices=DATASETS, help="The dataset of this grid.")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="Modes, in run order.")
-    parser.add_argument("--configs", nargs="+", default=["default"], help="Named configurations (see --list).")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["default"],
+        help="Named configurations (see --list), or several joined by '+' (no_prior+batches_random).",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022], help="Seeds (at least 3).")
     parser.add_argument("--baseline", default="default", help="Configuration the paired differences refer to.")
     parser.add_argument("--num_threads", type=int, default=None, help="Torch threads of each run.")
@@ -147,9 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--summarise", action="store_true", help="Rewrite the summary from the runs; train nothing.")
     parser.add_argument("--list", action="store_true", help="Print the named configurations and exit.")
     args = parser.parse_args(argv)
-    unknown = [c for c in [*args.configs, args.baseline] if c not in CONFIGS]
+    unknown = [c for c in [*args.configs, args.baseline] for part in c.split("+") if part not in CONFIGS]
     if unknown:
-        parser.error(f"unknown configuration(s) {unknown}; known: {sorted(CONFIGS)}")
+        parser.error(f"unknown configuration(s) {unknown}; known: {sorted(CONFIGS)}, or several joined by '+'")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
     return args
@@ -165,9 +170,21 @@ def run_key(run: dict) -> tuple:
     # (num_train_epochs is part of a configuration where it differs from the harness's 300)
 
 
+def config_spec(config: str) -> dict:
+    """The settings of a named configuration, or of several joined by '+' (`no_prior+batches_random`: the
+    first's settings, then the next's on top: the name `as_today` gives X run on the defaults of before)."""
+    spec = {"model": {}, "training": {}, "flags": []}
+    for part in config.split("+"):
+        named = CONFIGS[part]
+        spec["model"] = {**spec["model"], **named["model"]}
+        spec["training"] = {**spec["training"], **named["training"]}
+        spec["flags"] = [*spec["flags"], *named.get("flags", [])]
+    return spec
+
+
 def run_one(args, data_root: Path, mode: str, config: str, seed: int) -> dict:
     """One run of a named configuration (see `run_finetune_quality`)."""
-    spec = CONFIGS[config]
+    spec = config_spec(config)
     run = run_finetune_quality(
         args, data_root, mode, seed, f"{config}-{seed}", spec["model"], spec["training"], spec.get("flags", [])
     )

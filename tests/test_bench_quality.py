@@ -9,8 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "bench" / "finetune_quality.py"
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+import quality  # noqa: E402
+
 # A small model and two steps per epoch: the test is about the harness's resume, not about quality.
 TINY = "hidden_size=32,num_attention_heads=2,intermediate_size=64"
 
@@ -52,3 +57,16 @@ def test_without_resume_a_run_folder_starts_over(shared_data_dir, tmp_path):
     finetune(shared_data_dir, tmp_path / "run", 1)
     again = finetune(shared_data_dir, tmp_path / "run", 1)
     assert [h["epoch"] for h in again["history"]] == [0] and "resumed from" not in again["log"]
+
+
+def test_joined_configurations_run_the_settings_of_each_part():
+    # `no_prior+X` is how `as_today` names X recorded on the earlier defaults: a new seed of it must be the
+    # same settings, so that it joins those runs.
+    spec = quality.config_spec("no_prior+all_original")
+    assert spec["model"] == {"history_prior": False, **quality.CONFIGS["all_original"]["model"]}
+    assert spec["training"] == quality.CONFIGS["all_original"]["training"] == {"group_by_length": False}
+    assert quality.config_spec("default") == {"model": {}, "training": {}, "flags": []}
+    args = quality.parse_args(["--configs", "no_prior+batches_random", "--seeds", "2022"])
+    assert args.configs == ["no_prior+batches_random"]
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--configs", "no_prior+nonsense"])
