@@ -212,7 +212,7 @@ def imported_scratch_runs(path: Path, dataset: str, modes: list[str], seeds: lis
     for run in map(quality_as_today, quality_recorded_runs(path)):
         if (run["dataset"], run["config"]) != (dataset, "default") or run["mode"] not in modes:
             continue
-        if run["seed"] in seeds and run.get("max_steps_per_epoch") is None and not run.get("training_overrides"):
+        if run["seed"] in seeds and run.get("max_steps_per_epoch") is None:
             imported.append(
                 {
                     **run,

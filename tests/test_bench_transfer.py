@@ -35,7 +35,7 @@ def quality_runs(tmp_path) -> Path:
         # recorded before the prior was the default: its `history_prior` configuration is today's `default`
         quality_run(
             2020, 0.085, config="history_prior", model_overrides={"history_prior": True}, defaults_have_prior=None
-        ),  # fmt: skip
+        ),
         quality_run(2021, 0.084),
         quality_run(2022, 0.086),
         quality_run(2023, 0.080),  # not a seed of the grid
