@@ -28,7 +28,11 @@ of an epoch over the training time of the epoch (missrec: without the per-epoch 
 reported apart), averaged over epochs; evaluation users/s is the valid users over the validation time.
 
 Results: `<output_dir>/peers.json` (records with `model`, `dataset`, `mode`, `test`, `train_samples_per_s`,
-`eval_users_per_s`, `peak_rss_mb`, ...) and `peers.md` with the missrec/SASRec ratios.
+`eval_users_per_s`, `peak_rss_mb`, `epochs_cap`, `commit`, `date`, ...) and `peers.md` with the missrec/SASRec
+ratios (a pair only when both ran with the same epoch cap). Each finished model is written at once. A run
+started again keeps the records already there and skips each (dataset, model, epoch cap) it finds, so a killed
+run loses one model at most and `--datasets games --epochs 5` adds to a file that holds the Scientific sets;
+`--fresh` runs everything it is asked for again (after a change to the code being measured).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from common import (
     markdown_table,
     resolve_data_root,
     run_header,
+    utc_now,
     write_json_atomically,
     write_text_atomically,
 )
@@ -80,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--minilm_path", type=Path, default=None, help="all-MiniLM-L6-v2 folder for Games (default: the package's)."
     )
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_RESULTS_DIR, help="Where results are written.")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="Run every requested model again, replacing its record (default: skip those already recorded).",
+    )
     return parser.parse_args(argv)
 
 
@@ -170,19 +180,54 @@ def run_missrec(dataset: str, folder: Path, mode: str, args, env: dict) -> dict:
     }
 
 
+def model_key(record: dict) -> str:
+    """The `--models` name of a record: "sasrec" or "missrec-<mode>"."""
+    return "sasrec" if record["model"] == "SASRec" else f"missrec-{record['mode']}"
+
+
+def record_key(record: dict) -> tuple[str, str, int]:
+    return record["dataset"], model_key(record), record["epochs_cap"]
+
+
+def same_protocol(a: dict, b: dict) -> bool:
+    return a["dataset"] == b["dataset"] and a["epochs_cap"] == b["epochs_cap"]
+
+
+def previous_records(path: Path) -> list[dict]:
+    """The records of an earlier run in `path`, each with its epoch cap, commit and date. Files written before
+    these were per record (2026-12-03 and earlier) take them from their header; their cap was the default, 300
+    (no recorded run set `--epochs`)."""
+    if not path.exists():
+        return []
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    meta = payload.get("meta", {})
+    return [
+        {"epochs_cap": 300, "commit": meta.get("commit"), "date": meta.get("date"), **record}
+        for record in payload.get("records", [])
+    ]
+
+
+def merged(records: list[dict], new: dict) -> list[dict]:
+    """`records` with `new` in place of the record of the same key, ordered by set, then model."""
+    kept = [r for r in records if record_key(r) != record_key(new)] + [new]
+    order = {(d, m): i for i, (d, m) in enumerate((d, m) for d in DATASETS for m in MODELS)}
+    return sorted(kept, key=lambda r: (order[(r["dataset"], model_key(r))], r["epochs_cap"]))
+
+
 def ratios(records: list[dict]) -> list[dict]:
     """missrec / SASRec of every figure, per dataset and missrec mode."""
     rows = []
     for r in records:
         if r["model"] == "SASRec" or "test" not in r:
             continue
-        peer = next((p for p in records if p["model"] == "SASRec" and p["dataset"] == r["dataset"]), None)
+        peer = next((p for p in records if p["model"] == "SASRec" and same_protocol(p, r)), None)
         if peer is None:
             continue
         rows.append(
             {
                 "dataset": r["dataset"],
                 "mode": r["mode"],
+                "epochs_cap": r["epochs_cap"],
                 "ndcg@10": r["test"]["ndcg@10"] / peer["test"]["ndcg@10"],
                 "hr@10": r["test"]["hr@10"] / peer["test"]["hr@10"],
                 "train_samples_per_s": r["train_samples_per_s"] / peer["train_samples_per_s"],
@@ -196,14 +241,15 @@ def ratios(records: list[dict]) -> list[dict]:
 def render(header: dict, records: list[dict], ratio_rows: list[dict]) -> str:
     rows = [
         [r["dataset"], r["model"], r["mode"], *(r["test"][k] for k in METRICS), r["best_epoch"], r["epochs_run"],
-         r["train_samples_per_s"], r["eval_users_per_s"], r["peak_rss_mb"], r.get("parameters")]
+         r["epochs_cap"], r["train_samples_per_s"], r["eval_users_per_s"], r["peak_rss_mb"], r.get("parameters"),
+         f"{r.get('date')} {r.get('commit')}"]
         for r in records
     ]  # fmt: skip
-    headers = ["dataset", "model", "mode", *METRICS, "best epoch", "epochs", "train samples/s", "eval users/s",
-               "peak RSS MB", "parameters"]  # fmt: skip
+    headers = ["dataset", "model", "mode", *METRICS, "best epoch", "epochs", "epoch cap", "train samples/s",
+               "eval users/s", "peak RSS MB", "parameters", "run (UTC, commit)"]  # fmt: skip
     ratio_table = [
-        [r["dataset"], r["mode"], r["ndcg@10"], r["hr@10"], r["train_samples_per_s"], r["eval_users_per_s"],
-         r["peak_rss_mb"]]
+        [r["dataset"], r["mode"], r["epochs_cap"], r["ndcg@10"], r["hr@10"], r["train_samples_per_s"],
+         r["eval_users_per_s"], r["peak_rss_mb"]]
         for r in ratio_rows
     ]  # fmt: skip
     return "\n".join(
@@ -212,13 +258,23 @@ def render(header: dict, records: list[dict], ratio_rows: list[dict]) -> str:
             "",
             header_markdown(header),
             "Full ranking over all items, standard @K, history not excluded; early stopping on valid NDCG@10; "
-            "epochs counted from 1.",
+            "epochs counted from 1. The header is this invocation's; a record kept from an earlier one says when "
+            "and at which commit it ran.",
             "",
             markdown_table(headers, rows),
             "## missrec / SASRec",
             "",
             markdown_table(
-                ["dataset", "missrec mode", "NDCG@10", "HR@10", "train samples/s", "eval users/s", "peak RSS"],
+                [
+                    "dataset",
+                    "missrec mode",
+                    "epoch cap",
+                    "NDCG@10",
+                    "HR@10",
+                    "train samples/s",
+                    "eval users/s",
+                    "peak RSS",
+                ],
                 ratio_table,
             ),  # fmt: skip
         ]
@@ -233,15 +289,21 @@ def main(argv=None) -> list[dict]:
     header = run_header()
     header["threads"] = args.threads
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    records = []
     json_path = args.output_dir / "peers.json"
+    records = previous_records(json_path)
+    done = set() if args.fresh else {record_key(r) for r in records}
     for dataset in args.datasets:
-        folder = dataset_dir(dataset, args, env)
-        for model in args.models:
+        todo = [m for m in args.models if (dataset, m, args.epochs) not in done]
+        for model in sorted(set(args.models) - set(todo)):
+            print(f"{dataset} / {model}: recorded already (--fresh runs it again)", flush=True)
+        folder = dataset_dir(dataset, args, env) if todo else None
+        for model in todo:
             if model == "sasrec":
-                records.append(run_sasrec(dataset, folder, args, env))
+                record = run_sasrec(dataset, folder, args, env)
             else:
-                records.append(run_missrec(dataset, folder, model.split("-", 1)[1], args, env))
+                record = run_missrec(dataset, folder, model.split("-", 1)[1], args, env)
+            record = {**record, "epochs_cap": args.epochs, "commit": header["commit"], "date": utc_now()}
+            records = merged(records, record)
             ratio_rows = ratios(records)
             payload = {"meta": header, "records": records, "ratios": ratio_rows}
             write_json_atomically(json_path, payload)  # after every model: a killed run keeps what it finished
