@@ -7,11 +7,13 @@
 
 Per (dataset, mode): the reference model built by `build_model` (as `run_finetune.py`), its interests refreshed
 by k-means, or a trained model from `--model_dir`; then `MissrecTrainer`'s own validation loader and
-`evaluate_ranking`, timed `--repeats` times after one warm-up, in three cases:
+`evaluate_ranking`, timed `--repeats` times after one warm-up, in these cases:
   reference        every decoder position computed (`last_position_only=False`), batches of exactly
                    `--eval_batch_size` users (`eval_min_fill=0`): the code before these optimisations
   last_position    the last decoder layer computes each history's last position only
   + min_fill       and evaluation batches end before a history shorter than `--min_fill` x the batch's longest
+  + bucket_by_length  and each batch computed in groups of similar length (`bucket_by_length=True`)
+  bucket_by_length, full batches  last position and bucketing with batches of exactly `--eval_batch_size`
 Reports users/s (median over repeats), the padding efficiency of the batches (real / padded positions), and
 how many ranks differ from the reference and by how much at most (float rounding flips exact ties: items with
 identical features score the same in the inductive mode, so a difference of 1 is a tie broken the other way).
@@ -62,7 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-CASES = (("reference", False, 0.0), ("last_position", True, 0.0), ("last_position + min_fill", True, None))
+# (case, last_position_only, eval_min_fill (None: --min_fill), bucket_by_length)
+CASES = (
+    ("reference", False, 0.0, False),
+    ("last_position", True, 0.0, False),
+    ("last_position + min_fill", True, None, False),
+    ("last_position + min_fill + bucket_by_length", True, None, True),
+    ("last_position + bucket_by_length, full batches", True, 0.0, True),
+)
 
 
 def load_model(data_root: Path, dataset: str, mode: str, args):
@@ -84,8 +93,11 @@ def load_model(data_root: Path, dataset: str, mode: str, args):
     return model, splits, catalog
 
 
-def time_case(model, splits, catalog, last_position_only: bool, min_fill: float, args, output_dir: str) -> dict:
+def time_case(
+    model, splits, catalog, last_position_only: bool, min_fill: float, bucket: bool, args, output_dir: str
+) -> dict:
     model.config.last_position_only = last_position_only
+    model.config.bucket_by_length = bucket
     training = TrainingArguments(
         output_dir=output_dir,
         eval_batch_size=args.eval_batch_size,
@@ -148,10 +160,10 @@ def main(argv=None) -> list[dict]:
         for mode in args.modes:
             model, splits, catalog = load_model(data_root, dataset, mode, args)
             reference = None
-            for case, last_position_only, min_fill in CASES:
+            for case, last_position_only, min_fill, bucket in CASES:
                 with tempfile.TemporaryDirectory() as output_dir:
                     fill = args.min_fill if min_fill is None else min_fill
-                    result = time_case(model, splits, catalog, last_position_only, fill, args, output_dir)
+                    result = time_case(model, splits, catalog, last_position_only, fill, bucket, args, output_dir)
                 ranks = result.pop("ranks")
                 reference = reference or {"ranks": ranks, "seconds": result["seconds_median"]}
                 record = {"dataset": dataset, "mode": mode, "case": case, "eval_min_fill": fill, **result}

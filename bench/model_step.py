@@ -18,7 +18,9 @@ Scenarios:
                 batch's own longest history, as in training;
   real_pool4    the same lengths sorted only within pools of 4 batches (`length_group_batches=4`), so that
                 users and lengths mix in a batch;
-  real_random   the same lengths in plain random batches (group_factor 1), so the gain of grouping shows.
+  real_random   the same lengths in plain random batches (group_factor 1), so the gain of grouping shows;
+  real_random_bucketed  those random batches with `bucket_by_length=True`: each batch computed in groups of
+                similar length (the same values up to rounding), so that random batches cost their real positions.
 
 k-means: `modeling_missrec.interests.kmeans` with each `--kmeans_init` seeding (on a subsample of 32 K points; at
 most 10 Lloyd iterations, tolerance 1e-4; k-means++ is skipped above 200k points on the CPU, where its K
@@ -58,7 +60,7 @@ from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
 from modeling_missrec import interests as interests_module
 from modeling_missrec.data import HistoryDataset, LengthGroupedBatchSampler, read_index_file, read_inter_file
 
-SCENARIOS = ("fixed50", "real_grouped", "real_pool4", "real_random")
+SCENARIOS = ("fixed50", "real_grouped", "real_pool4", "real_random", "real_random_bucketed")
 GROUP_FACTORS = {"real_grouped": 50, "real_pool4": 4}  # batches per length-sorted pool; others random
 LENGTHS_DATA_DIR = REPO_ROOT / "data" / "scientific_mm"
 LENGTHS_DATASET = "Scientific"
@@ -477,6 +479,7 @@ def main(argv=None) -> dict:
         }
     for scenario in args.scenarios:
         batches = make_batches(scenario, args, lengths_pool, model.config.max_seq_length)
+        model.config.bucket_by_length = scenario.endswith("_bucketed")  # read at every forward
         result["training"][scenario] = time_training(model, batches, args, device)
         r = result["training"][scenario]
         print(f"{scenario}: {r['samples_per_second']:.0f} samples/s, {r['ms_per_step_mean']:.1f} ms/step", flush=True)

@@ -92,6 +92,18 @@ CONFIGS: dict[str, dict] = {
         "model": {**ORIGINAL_REGULARISER, **ORIGINAL_MISSING, **ORIGINAL_KMEANS},
         "training": ORIGINAL_BATCHES,
     },
+    # The same computations as batches_random / all_original up to float rounding (tests/test_length_buckets.py),
+    # each random batch computed in groups of similar length: the original's batches at the grouped batches' speed.
+    "batches_random_bucketed": {
+        "about": "random training batches, computed in length groups (bucket_by_length)",
+        "model": {"bucket_by_length": True},
+        "training": ORIGINAL_BATCHES,
+    },
+    "all_original_bucketed": {
+        "about": "all four original settings together, random batches computed in length groups",
+        "model": {**ORIGINAL_REGULARISER, **ORIGINAL_MISSING, **ORIGINAL_KMEANS, "bucket_by_length": True},
+        "training": ORIGINAL_BATCHES,
+    },
     # Levers past the paper (screened on scientific_mm, chosen on validation only).
     "temperature_0.05": {"about": "softmax temperature 0.05 (0.07)", "model": {"temperature": 0.05}, "training": {}},
     "temperature_0.1": {"about": "softmax temperature 0.1 (0.07)", "model": {"temperature": 0.1}, "training": {}},

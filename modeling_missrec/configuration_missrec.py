@@ -79,6 +79,11 @@ class MissrecConfig(PreTrainedConfig):
             "static": M x L slots (every slot a history's items could fill), no sync, and with histories padded
             to a few lengths (`pad_to_multiple_of`) shapes repeat, as `torch.compile` and a GPU want. The extra
             slots are masked: the same values up to float rounding (tested).
+        bucket_by_length (`bool`, False): compute a batch's histories in groups of similar length (1, 2, 3-4,
+            5-8, ... items), each cut to its longest history, instead of padding every row to the batch's
+            longest: the same values up to float rounding (tested), at the cost of the real positions. For
+            batches that mix lengths (random batches, `group_by_length=False`); a few host syncs per forward, so
+            not with "static" interest sets.
 
     Scoring
         item_fusion (`str`, "dynamic_shared"): how per-modality cosine scores are mixed: softmax over modalities
@@ -150,6 +155,7 @@ class MissrecConfig(PreTrainedConfig):
     interest_reg_reduction: str = "sum"
     interest_reg_pooling: str = "mean"
     interest_set_width: str = "longest"
+    bucket_by_length: bool = False
     item_fusion: str = "dynamic_shared"
     sequence_fusion: str = "add"
     fusion_factor_init: float = 0.0
@@ -221,6 +227,11 @@ class MissrecConfig(PreTrainedConfig):
         _require_choice("loss_type", self.loss_type, LOSS_TYPES)
         _require_choice("interest_set_width", self.interest_set_width, INTEREST_SET_WIDTHS)
         _require_choice("negative_sampling", self.negative_sampling, NEGATIVE_SAMPLERS)
+        if self.bucket_by_length and self.interest_set_width == "static":
+            raise ValueError(
+                'bucket_by_length=True reads lengths on the host, which interest_set_width="static" avoids; '
+                "choose one (bucketing for mixed-length batches on a CPU, static shapes for a GPU)"
+            )
         _require("num_negatives", self.num_negatives, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
         terms = {f"{m}_cosine" for m in KNOWN_MODALITIES} | {"in_history", "log_count"}
         _require(

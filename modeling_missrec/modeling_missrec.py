@@ -519,6 +519,57 @@ def _as_float_tensor(values: torch.Tensor | np.ndarray, device: torch.device) ->
     return values.to(device=device, dtype=torch.float32)
 
 
+@dataclass
+class RegularizerTerms:
+    """The per-sequence pieces of the interest regulariser (see `MissrecModel.interest_regularization`): the sum
+    of each history's real encoded interests `summed` `[B, H]`, their count `[B, 1]`, the set's size in the
+    original's padded sets `set_size` `[B, 1]` and the encoder output of its padding slot `[B, H]` (the last
+    two for `interest_reg_pooling="original"` only). Kept apart from the batch step, which needs the batch's
+    largest set, so that histories computed in several groups give the regulariser of the whole batch."""
+
+    summed: torch.Tensor
+    count: torch.Tensor
+    set_size: torch.Tensor | None = None
+    padding_state: torch.Tensor | None = None
+
+    @classmethod
+    def cat(cls, parts: Sequence[RegularizerTerms]) -> RegularizerTerms:
+        def joined(name):
+            values = [getattr(part, name) for part in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return cls(joined("summed"), joined("count"), joined("set_size"), joined("padding_state"))
+
+
+def length_groups(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """Rows of a batch grouped by ceil(log2(history length)) (1, 2, 3-4, 5-8, ...), shortest first: each
+    group's row indices and its longest history. A group pads each row to less than twice its length, so a
+    random batch costs about what its real positions cost. Reads the lengths on the host (one sync)."""
+    lengths = attention_mask.sum(1)
+    buckets = torch.ceil(torch.log2(lengths.clamp_min(1).double())).long()
+    groups = []
+    for bucket in buckets.unique().tolist():
+        rows = (buckets == bucket).nonzero().squeeze(1)
+        groups.append((rows, int(lengths[rows].max())))
+    return groups
+
+
+def regularizer_terms(
+    interest_states: torch.Tensor,
+    interest_ids: torch.Tensor,
+    zero_in_set: torch.Tensor | None = None,
+    padding_state: torch.Tensor | None = None,
+) -> RegularizerTerms:
+    """The regulariser's per-sequence terms of encoded interest sets `[B, Q, H]` with ids `[B, Q]` (0 = a
+    padded slot); for the original's pooling, whether each set held id 0 (`zero_in_set` `[B]`) and its padding
+    slot's encoder output `[B, H]`."""
+    real = (interest_ids != 0).to(interest_states.dtype)
+    count = real.sum(1, keepdim=True)
+    summed = (interest_states * real.unsqueeze(-1)).sum(1)
+    set_size = None if zero_in_set is None else count + zero_in_set.unsqueeze(1).to(count.dtype)
+    return RegularizerTerms(summed, count, set_size, padding_state)
+
+
 class MissrecModel(MissrecPreTrainedModel):
     """The transferable backbone: item tokenizer, interest tokenizer, interest encoder, decoder, read-out.
 
@@ -615,7 +666,20 @@ class MissrecModel(MissrecPreTrainedModel):
             modality_mask = attention_mask.expand(len(self.modalities), *attention_mask.shape)
         modality_mask = apply_missing_rule(modality_mask, self.config, attention_mask)
 
-        interest_ids, interest_mask, encoded, regularization = self.encode_interests(input_ids, attention_mask, outputs)
+        inputs = (input_ids, item_tokens, modality_mask, attention_mask, last_position_only)
+        if self.config.bucket_by_length and not (output_attentions or output_hidden_states):
+            output, terms = self._forward_in_length_groups(*inputs)
+        else:
+            output, terms = self._forward_block(*inputs, outputs)
+        output.interest_regularization = self.interest_regularization(terms)
+        return output if return_dict else output.to_tuple()
+
+    def _forward_block(
+        self, input_ids, item_tokens, modality_mask, attention_mask, last_position_only, outputs=None
+    ) -> tuple[MissrecModelOutput, RegularizerTerms]:
+        """The computation over one padded block of histories, and its regulariser terms."""
+        outputs = outputs or {"output_attentions": False, "output_hidden_states": False}
+        interest_ids, interest_mask, encoded, terms = self.encode_interests(input_ids, attention_mask, outputs)
         interest_states = encoded.last_hidden_state
         decoder_input = self.embed_items(input_ids, item_tokens, modality_mask)
         last_position = (attention_mask * torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)).argmax(1)
@@ -627,32 +691,65 @@ class MissrecModel(MissrecPreTrainedModel):
         else:
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             sequence_embedding = F.normalize(hidden[rows, last_position])
-
         output = MissrecModelOutput(
             sequence_embedding=sequence_embedding,
             last_hidden_state=hidden,
             interest_hidden_states=interest_states,
             interest_ids=interest_ids,
-            interest_regularization=regularization,
             encoder_hidden_states=encoded.hidden_states,
             encoder_attentions=encoded.attentions,
             decoder_hidden_states=decoded.hidden_states,
             decoder_attentions=decoded.attentions,
             cross_attentions=decoded.cross_attentions,
         )
-        return output if return_dict else output.to_tuple()
+        return output, terms
+
+    def _forward_in_length_groups(
+        self, input_ids, item_tokens, modality_mask, attention_mask, last_position_only
+    ) -> tuple[MissrecModelOutput, RegularizerTerms]:
+        """`_forward_block` on each `length_groups` group, cut to its longest history, and the rows put back in
+        the batch's order (`config.bucket_by_length`): every row sees only its own history and interest set, so
+        the outputs are the block's up to float rounding, at the cost of the real positions rather than of the
+        longest history's. Interest states and ids are padded to the batch's largest set."""
+        parts, terms, rows = [], [], []
+        for group, width in length_groups(attention_mask):
+            output, group_terms = self._forward_block(
+                input_ids[group, :width],
+                item_tokens[:, group, :width],
+                modality_mask[:, group, :width],
+                attention_mask[group, :width],
+                last_position_only,
+            )
+            parts.append(output)
+            terms.append(group_terms)
+            rows.append(group)
+        order = torch.argsort(torch.cat(rows))  # position of each batch row among the groups' rows
+
+        def joined(name: str, width: int | None = None) -> torch.Tensor:
+            """The groups' `name` in batch order, dimension 1 zero-padded to `width` (default: the widest)."""
+            tensors = [getattr(part, name) for part in parts]
+            width = max(t.shape[1] for t in tensors) if width is None else width
+            pads = [(0, 0) * (t.dim() - 2) + (0, width - t.shape[1]) for t in tensors]
+            return torch.cat([F.pad(t, pad) for t, pad in zip(tensors, pads)])[order]
+
+        output = MissrecModelOutput(
+            sequence_embedding=torch.cat([part.sequence_embedding for part in parts])[order],
+            last_hidden_state=joined("last_hidden_state", 1 if last_position_only else input_ids.shape[1]),
+            interest_hidden_states=joined("interest_hidden_states"),
+            interest_ids=joined("interest_ids"),
+        )
+        return output, RegularizerTerms.cat(terms)
 
     def encode_interests(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, outputs: dict[str, bool]
     ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutput, torch.Tensor]:
         """The interest side: each history's interest set `[B, Q]` (ids and key mask), its encoder output
         (`last_hidden_state` `[B, Q, H]`, with the layers' states / attentions as `outputs` asks) and the
-        interest regulariser."""
+        interest regulariser's per-sequence terms."""
         interest_ids, interest_vectors, interest_mask = self.interest_tokenizer(input_ids)
         if self.config.interest_reg_pooling != "original":
             encoded = self.encoder(interest_vectors, interest_mask, **outputs)
-            regularization = self.interest_regularization(encoded.last_hidden_state, interest_ids)
-            return interest_ids, interest_mask, encoded, regularization
+            return interest_ids, interest_mask, encoded, regularizer_terms(encoded.last_hidden_state, interest_ids)
         # The original's sets kept a padding slot (id 0, a zero input, masked as a key) whose encoder output its
         # regulariser summed: one appended zero slot gives that output exactly.
         interest_vectors = F.pad(interest_vectors, (0, 0, 0, 1))
@@ -663,9 +760,9 @@ class MissrecModel(MissrecPreTrainedModel):
         per_position = self.interest_tokenizer.item_interest_ids[:, input_ids]  # [M, B, L]
         missing = ((per_position == 0) & attention_mask.unsqueeze(0)).any(0).any(1)
         zero_in_set = (attention_mask.sum(1) < self.config.max_seq_length) | missing
-        regularization = self.interest_regularization(interest_states, interest_ids, zero_in_set, padding_state)
+        terms = regularizer_terms(interest_states, interest_ids, zero_in_set, padding_state)
         encoded.last_hidden_state = interest_states
-        return interest_ids, interest_mask, encoded, regularization
+        return interest_ids, interest_mask, encoded, terms
 
     def embed_items(
         self, input_ids: torch.Tensor, item_tokens: torch.Tensor, modality_mask: torch.Tensor
@@ -678,14 +775,9 @@ class MissrecModel(MissrecPreTrainedModel):
             tokens = tokens + self.item_embeddings(input_ids)
         return self.input_dropout(self.input_layer_norm(tokens))
 
-    def interest_regularization(
-        self,
-        interest_states: torch.Tensor,
-        interest_ids: torch.Tensor,
-        zero_in_set: torch.Tensor | None = None,
-        padding_state: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """R = reduce_b ||p_b||^2 / H over the batch, p_b a pooling of sequence b's encoded interests (n_b real).
+    def interest_regularization(self, terms: RegularizerTerms) -> torch.Tensor:
+        """R = reduce_b ||p_b||^2 / H over the batch, p_b a pooling of sequence b's encoded interests (n_b real;
+        `terms` from `regularizer_terms`).
 
         `interest_reg_pooling`:
         - "mean" (default): p_b = the mean of the n_b real interest states; independent of the batch mates.
@@ -697,9 +789,7 @@ class MissrecModel(MissrecPreTrainedModel):
           "mean" one on scientific_mm batches.
         - "batch_share": the original's weighting n_b / Q over the real slots only (no padded slots).
         As the original, the batch is summed (`interest_reg_reduction="sum"`)."""
-        real = (interest_ids != 0).to(interest_states.dtype)
-        count = real.sum(1, keepdim=True)
-        summed = (interest_states * real.unsqueeze(-1)).sum(1)
+        summed, count = terms.summed, terms.count
         pooling = self.config.interest_reg_pooling
         if pooling == "mean":
             pooled = summed / count.clamp_min(1.0)
@@ -707,12 +797,11 @@ class MissrecModel(MissrecPreTrainedModel):
             # Q = the batch's largest set (not the tensor's width, which interest_set_width="static" pads)
             pooled = summed * (count / count.max().clamp_min(1.0))
         else:
-            if padding_state is None or zero_in_set is None:
+            if terms.padding_state is None or terms.set_size is None:
                 raise ValueError('interest_reg_pooling="original" needs the padding slot state and zero_in_set')
-            set_size = count + zero_in_set.unsqueeze(1).to(count.dtype)  # with the original's id 0
-            width = set_size.max()
-            pooled = (summed + (width - count) * padding_state) * (count / width)
-        per_sequence = pooled.pow(2).sum(-1) / interest_states.shape[-1]
+            width = terms.set_size.max()
+            pooled = (summed + (width - count) * terms.padding_state) * (count / width)
+        per_sequence = pooled.pow(2).sum(-1) / summed.shape[-1]
         return per_sequence.sum() if self.config.interest_reg_reduction == "sum" else per_sequence.mean()
 
     @torch.no_grad()

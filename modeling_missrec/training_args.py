@@ -55,7 +55,12 @@ class LoopArguments:
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     group_by_length: bool = field(
-        default=True, metadata={"help": "Batch similar history lengths together (less padding, faster epochs)."}
+        default=True,
+        metadata={
+            "help": "Batch similar history lengths together (less padding, faster epochs). False gives random "
+            "batches, as the original; with the model's bucket_by_length=true (--config_overrides) each is "
+            "computed in groups of similar length, at about the speed of grouped batches."
+        },
     )
     length_group_batches: int = field(
         default=50,
