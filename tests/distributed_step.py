@@ -52,6 +52,15 @@ def tiny_pretraining_setup(num_rows: int = 8):
     return model, batch
 
 
+def losses_and_gradients(model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward: the two pre-training losses and every parameter's gradient."""
+    model.zero_grad()
+    output = model(**batch)
+    output.loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return output.sequence_item_loss.detach(), output.sequence_sequence_loss.detach(), gradients
+
+
 def slice_batch(batch, start, end):
     return {
         k: ({m: t[start:end] for m, t in v.items()} if isinstance(v, dict) else v[start:end]) for k, v in batch.items()

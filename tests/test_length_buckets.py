@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_step import tiny_pretraining_setup
+from distributed_step import losses_and_gradients, tiny_pretraining_setup
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_static_shapes import twin_models
 
 from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
 from modeling_missrec.modeling_missrec import length_groups
@@ -16,21 +17,8 @@ MAX_LENGTH = 12
 
 
 def _twin_models(**config) -> tuple[MissrecForSequentialRecommendation, MissrecForSequentialRecommendation]:
-    """Two models with the same weights, catalogue and interests, the second with `bucket_by_length=True`."""
-    base = dict(hidden_size=32, num_attention_heads=2, intermediate_size=48, num_items=30, text_feature_size=6,
-                image_feature_size=5, max_seq_length=MAX_LENGTH, **config)  # fmt: skip
-    torch.manual_seed(0)
-    block = MissrecForSequentialRecommendation(MissrecConfig(**base))
-    features = {"text": torch.randn(30, 6), "image": torch.randn(30, 5)}
-    features["image"][::4] = 0  # some items lack their image
-    block.load_item_features(features)
-    block.refresh_interests(seed=0)
-    bucketed = MissrecForSequentialRecommendation(MissrecConfig(**{**base, "bucket_by_length": True}))
-    bucketed.load_item_features(features)
-    bucketed.missrec.interest_tokenizer.resize(block.config.num_interests)
-    bucketed.config.num_interests = block.config.num_interests
-    bucketed.load_state_dict(block.state_dict())
-    return block.eval(), bucketed.eval()  # eval: no dropout, so that the two computations can be compared
+    """The same model computed as one block and in length groups."""
+    return twin_models({"bucket_by_length": True}, max_seq_length=MAX_LENGTH, **config)
 
 
 def _batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +116,7 @@ def test_pretraining_step_is_the_same_in_length_groups():
     results = []
     for bucket in (False, True):
         model.config.bucket_by_length = bucket
-        model.zero_grad()
-        output = model(**batch)
-        output.loss.backward()
-        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        results.append((output.sequence_item_loss.detach(), output.sequence_sequence_loss.detach(), gradients))
+        results.append(losses_and_gradients(model, batch))
     (item_ref, seq_ref, reference), (item, seq, got) = results
     torch.testing.assert_close(item, item_ref)
     torch.testing.assert_close(seq, seq_ref)

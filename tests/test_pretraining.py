@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed_step import tiny_pretraining_setup
+from distributed_step import losses_and_gradients, tiny_pretraining_setup
 from safetensors.torch import load_file
 from test_modeling import record_last_layer_widths
 
@@ -141,11 +141,7 @@ def test_pretraining_losses_and_gradients_match_the_every_position_reference():
     results = []
     for last_position_only in (True, False):
         model.config.last_position_only = last_position_only
-        model.zero_grad()
-        output = model(**batch)
-        output.loss.backward()
-        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        results.append((output.sequence_item_loss.detach(), output.sequence_sequence_loss.detach(), gradients))
+        results.append(losses_and_gradients(model, batch))
     assert widths == [1, 1, 6, 6]  # history and augmented view: one row each, then every position
     (item, seq, fast), (item_ref, seq_ref, reference) = results
     torch.testing.assert_close(item, item_ref)

@@ -21,27 +21,30 @@ NO_DROPOUT = (
 )
 
 
-def _twin_models(**config) -> tuple[MissrecForSequentialRecommendation, MissrecForSequentialRecommendation]:
-    """Two models with the same weights, catalogue and interests, one with `interest_set_width="static"`."""
-    base = dict(hidden_size=32, num_attention_heads=2, intermediate_size=48, num_items=30, text_feature_size=6,
-                image_feature_size=5, max_seq_length=12, **config)  # fmt: skip
+def twin_models(
+    changed: dict, **config
+) -> tuple[MissrecForSequentialRecommendation, MissrecForSequentialRecommendation]:
+    """Two tiny models with the same weights, catalogue and interests, the second with the `changed` config
+    fields (a way of computing that must not change the values), both in eval mode (no dropout)."""
+    base = {**dict(hidden_size=32, num_attention_heads=2, intermediate_size=48, num_items=30, text_feature_size=6,
+                   image_feature_size=5, max_seq_length=12), **config}  # fmt: skip
     torch.manual_seed(0)
-    longest = MissrecForSequentialRecommendation(MissrecConfig(**base))
+    reference = MissrecForSequentialRecommendation(MissrecConfig(**base))
     features = {"text": torch.randn(30, 6), "image": torch.randn(30, 5)}
     features["image"][::4] = 0  # some items lack their image
-    longest.load_item_features(features)
-    longest.refresh_interests(seed=0)
-    static = MissrecForSequentialRecommendation(MissrecConfig(**{**base, "interest_set_width": "static"}))
-    static.load_item_features(features)
-    static.missrec.interest_tokenizer.resize(longest.config.num_interests)
-    static.config.num_interests = longest.config.num_interests
-    static.load_state_dict(longest.state_dict())
-    return longest.eval(), static.eval()
+    reference.load_item_features(features)
+    reference.refresh_interests(seed=0)
+    other = MissrecForSequentialRecommendation(MissrecConfig(**{**base, **changed}))
+    other.load_item_features(features)
+    other.missrec.interest_tokenizer.resize(reference.config.num_interests)
+    other.config.num_interests = reference.config.num_interests
+    other.load_state_dict(reference.state_dict())
+    return reference.eval(), other.eval()
 
 
 @pytest.mark.parametrize("pooling", ["mean", "original", "batch_share"])
 def test_static_interest_sets_and_padded_histories_give_the_same_scores(pooling):
-    longest, static = _twin_models(interest_reg_pooling=pooling)
+    longest, static = twin_models({"interest_set_width": "static"}, interest_reg_pooling=pooling)
     generator = torch.Generator().manual_seed(1)
     lengths = torch.tensor([1, 3, 7, 5])
     input_ids = torch.randint(1, 31, (4, 7), generator=generator)
