@@ -545,12 +545,12 @@ def length_groups(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]
     """Rows of a batch grouped by ceil(log2(history length)) (1, 2, 3-4, 5-8, ...), shortest first: each
     group's row indices and its longest history. A group pads each row to less than twice its length, so a
     random batch costs about what its real positions cost. Reads the lengths on the host (one sync)."""
-    lengths = attention_mask.sum(1)
+    lengths = attention_mask.sum(1).cpu()
     buckets = torch.ceil(torch.log2(lengths.clamp_min(1).double())).long()
     groups = []
     for bucket in buckets.unique().tolist():
         rows = (buckets == bucket).nonzero().squeeze(1)
-        groups.append((rows, int(lengths[rows].max())))
+        groups.append((rows.to(attention_mask.device, non_blocking=True), int(lengths[rows].max())))
     return groups
 
 
