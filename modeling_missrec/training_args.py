@@ -386,7 +386,8 @@ class PretrainingArguments(LoopArguments):
         default=50,
         metadata={
             "help": "With group_by_length: batches per length-sorted pool (see run_finetune.py --help); fewer mix "
-            "more users and domains into a batch, and so into each other's in-batch negatives."
+            "more users and domains into a batch, and so into each other's in-batch negatives. 1 (random "
+            "batches) with --config_overrides bucket_by_length=true costs about what sorted batches cost."
         },
     )
     domain_batches: bool = field(
