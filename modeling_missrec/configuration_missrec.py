@@ -60,7 +60,9 @@ class MissrecConfig(PreTrainedConfig):
         kmeans_init (`str`, "k-means++"), kmeans_max_iterations (`int`, 10), kmeans_tolerance (`float`, 1e-4):
             the clustering. The original made one random-init Lloyd step (its error test was always 0);
             measured on scientific_mm (transductive, 3 seeds; bench/results/quality.md) that setting gives test
-            NDCG@10 0.0834 +- 0.0019 against 0.0820 +- 0.0018 here (valid 0.0897 vs 0.0898): no difference shown.
+            NDCG@10 0.0834 +- 0.0019 against 0.0820 +- 0.0018 here (valid 0.0897 vs 0.0898): no difference shown;
+            inductive with the history prior, 0.1077 +- 0.0020 against 0.1070 +- 0.0006 (paired +0.0007, 95%
+            interval [-0.0028, +0.0043]; on valid +0.0017 [+0.0001, +0.0034], the one edge of the ablation).
             "batched-k-means++" draws the seeds in 16 rounds (about one Lloyd pass: for a cold start on
             millions of tokens); "random" takes random tokens.
         kmeans_warm_start (`bool`, True): start each refresh from the previous centroids when K is unchanged
@@ -73,7 +75,8 @@ class MissrecConfig(PreTrainedConfig):
             set, padding slots included (grows like n_b^2 and with the batch mates); "batch_share", the
             original's weighting over the real slots only. On scientific_mm (transductive, 3 seeds) "original"
             gives test NDCG@10 0.0824 +- 0.0004 against 0.0820 +- 0.0018 for "mean" (paired difference +0.0004,
-            95% interval [-0.0051, +0.0058]): no difference shown.
+            95% interval [-0.0051, +0.0058]): no difference shown; inductive with the history prior, +0.0004
+            [-0.0072, +0.0079].
         interest_set_width (`str`, "longest"): slots of a batch's interest sets. "longest": the batch's largest
             set (the fewest slots, but its size is read back from the device at every forward: a host sync);
             "static": M x L slots (every slot a history's items could fill), no sync, and with histories padded
