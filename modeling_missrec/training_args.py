@@ -68,9 +68,9 @@ class LoopArguments:
             "help": "With group_by_length: each epoch's random order is cut into pools of this many batches, "
             "each pool sorted by length and cut into batches, and the batches shuffled. Fewer batches per pool "
             "mix more users and lengths into a batch (1 = random batches); more pad less. On scientific_mm "
-            "(transductive, 3 seeds) pools of 4 and random batches gave the test NDCG@10 of 50 (0.0820, 0.0829 "
-            "on 2 seeds, 0.0820; no difference shown) at about 0.7x and 0.25x its training samples/s (timed while "
-            "other jobs shared the cores); inductive with the history prior, pools of 4 +0.0007 and random batches "
+            "(transductive, no history prior, 3 seeds) pools of 4 and random batches gave the test NDCG@10 of 50 "
+            "(0.0820, 0.0821, 0.0820; no difference shown) at about 0.55x and 0.25x its training samples/s; "
+            "inductive with the history prior, pools of 4 +0.0007 and random batches "
             "computed in length groups (bucket_by_length) -0.0010 (both within the seeds' spread), the latter at "
             "the speed of 50."
         },
