@@ -211,7 +211,8 @@ def merged(records: list[dict], new: dict) -> list[dict]:
     """`records` with `new` in place of the record of the same key, ordered by set, then model."""
     kept = [r for r in records if record_key(r) != record_key(new)] + [new]
     order = {(d, m): i for i, (d, m) in enumerate((d, m) for d in DATASETS for m in MODELS)}
-    return sorted(kept, key=lambda r: (order[(r["dataset"], model_key(r))], r["epochs_cap"]))
+    # A record of a set or model this script no longer runs stays, last.
+    return sorted(kept, key=lambda r: (order.get((r["dataset"], model_key(r)), len(order)), r["epochs_cap"]))
 
 
 def ratios(records: list[dict]) -> list[dict]:

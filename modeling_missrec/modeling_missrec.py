@@ -550,7 +550,8 @@ def length_groups(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]
     groups = []
     for bucket in buckets.unique().tolist():
         rows = (buckets == bucket).nonzero().squeeze(1)
-        groups.append((rows.to(attention_mask.device, non_blocking=True), int(lengths[rows].max())))
+        width = max(1, int(lengths[rows].max()))  # an empty row (unchecked input) keeps one slot, as the block
+        groups.append((rows.to(attention_mask.device, non_blocking=True), width))
     return groups
 
 
@@ -712,7 +713,8 @@ class MissrecModel(MissrecPreTrainedModel):
         the outputs are the block's up to float rounding, at the cost of the real positions rather than of the
         longest history's. Interest states and ids are padded to the batch's largest set."""
         parts, terms, rows = [], [], []
-        for group, width in length_groups(attention_mask):
+        # Interest sets come from the ids, so a group keeps every nonzero id even where the mask is 0.
+        for group, width in length_groups(attention_mask | (input_ids != 0)):
             output, group_terms = self._forward_block(
                 input_ids[group, :width],
                 item_tokens[:, group, :width],

@@ -123,3 +123,13 @@ def test_pretraining_step_is_the_same_in_length_groups():
     assert got.keys() == reference.keys()
     for name, gradient in reference.items():
         torch.testing.assert_close(got[name], gradient, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_ids_past_the_mask_and_empty_rows_are_computed_as_the_block_does():
+    block, bucketed = _twin_models()
+    input_ids = torch.tensor([[3, 4, 5, 0], [7, 8, 9, 10], [2, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])  # row 0's item 5 is masked, not padding
+    with torch.no_grad():
+        reference = block(input_ids, attention_mask=mask, check_inputs=False).logits
+        torch.testing.assert_close(bucketed(input_ids, attention_mask=mask, check_inputs=False).logits, reference)
+    assert length_groups(torch.tensor([[False, False], [True, True]]))[0][1] == 1  # an empty row keeps a slot
