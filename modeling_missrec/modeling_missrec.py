@@ -744,7 +744,7 @@ class MissrecModel(MissrecPreTrainedModel):
 
     def encode_interests(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, outputs: dict[str, bool]
-    ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutput, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutput, RegularizerTerms]:
         """The interest side: each history's interest set `[B, Q]` (ids and key mask), its encoder output
         (`last_hidden_state` `[B, Q, H]`, with the layers' states / attentions as `outputs` asks) and the
         interest regulariser's per-sequence terms."""
