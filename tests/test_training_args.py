@@ -54,6 +54,7 @@ def test_paper_configs_parse_and_name_their_dataset_root(monkeypatch):
         )
         assert data.resolved_data_dir().startswith("/data/downstream/")
         assert ("pretrained" in config.name) == (model.finetune_method == "frozen")
+        assert model.history_prior is True  # the best-measured setting, from scratch and from the paper's model
         if "office_id" in config.name:
             assert (training.train_batch_size, model.interest_ratio) == (1024, 0.3)
 
