@@ -16,8 +16,10 @@ summary is rewritten after every run.
 Summary (`<output_dir>/quality.json` and `.md`): per (dataset, mode, configuration) the mean and standard
 deviation over the seeds of the valid and test HR/NDCG@10/50, the best epochs, seconds per epoch and training
 samples/s, and the paired difference against the baseline configuration over the seeds both have (per-seed
-values, mean, and a 95% t interval). Per (dataset, mode) the configuration with the best mean *valid*
-NDCG@10 is marked as chosen; the test figures of the others are shown for the ablation, not for choosing.
+values, mean, and a 95% t interval). Per (dataset, mode) one configuration is marked as chosen, on *valid*
+NDCG@10 only: the baseline, unless a configuration's paired difference against it is shown better (the 95%
+interval above 0), and then the best mean of those; a mean ahead by less than the seeds move it is not a
+reason to change. The test figures of the others are shown for the ablation, not for choosing.
 """
 
 from __future__ import annotations
@@ -351,11 +353,26 @@ def summarise(runs: list[dict], baseline: str) -> list[dict]:
             "training": by_seed[seeds[0]]["training_overrides"],
         }
         records.append(record)
+    mark_chosen(records, baseline)
+    return records
+
+
+def mark_chosen(records: list[dict], baseline: str) -> None:
+    """Mark per (dataset, mode) the configuration chosen on validation, among those with at least 3 seeds:
+    the baseline, unless a configuration's paired valid NDCG@10 difference against it is shown better (its 95%
+    interval above 0), and then the best mean valid NDCG@10 of those. A mean that is ahead by less than the
+    seeds move it changes nothing (without a baseline: the best mean)."""
     for dataset, mode in {(r["dataset"], r["mode"]) for r in records}:
         candidates = [r for r in records if (r["dataset"], r["mode"]) == (dataset, mode) and len(r["seeds"]) >= 3]
-        if candidates:
-            max(candidates, key=lambda r: r["valid_mean"]["ndcg@10"])["chosen_on_valid"] = True
-    return records
+        base = [r for r in candidates if r["config"] == baseline]
+        better = [
+            r
+            for r in candidates
+            if r.get("paired_vs") == baseline and r["paired"]["valid_ndcg@10"]["verdict"] == "better"
+        ]
+        eligible = better or base or candidates
+        if eligible:
+            max(eligible, key=lambda r: r["valid_mean"]["ndcg@10"])["chosen_on_valid"] = True
 
 
 def render_markdown(records: list[dict], header: dict) -> str:
@@ -368,8 +385,9 @@ def render_markdown(records: list[dict], header: dict) -> str:
         "",
         "Each cell: mean ± standard deviation over the seeds. Full ranking over every item, ties against the "
         "target, standard @K. `paired Δ` is the configuration minus the baseline on the same seeds (95% t "
-        "interval); `chosen` marks the best mean valid NDCG@10 of a (dataset, mode) among configurations with "
-        "at least 3 seeds: configurations are chosen on validation only.",
+        "interval); `chosen` marks, per (dataset, mode) among configurations with at least 3 seeds, the baseline "
+        "unless some configuration is better on valid NDCG@10 by its paired interval, and then the best mean "
+        "valid of those: configurations are chosen on validation only.",
         "",
     ]
     rows = []

@@ -70,3 +70,32 @@ def test_joined_configurations_run_the_settings_of_each_part():
     assert args.configs == ["no_prior+batches_random"]
     with pytest.raises(SystemExit):
         quality.parse_args(["--configs", "no_prior+nonsense"])
+
+
+def _run(config: str, seed: int, valid: float, mode: str = "transductive") -> dict:
+    scores = {"ndcg@10": valid, "hr@10": 2 * valid, "ndcg@50": valid, "hr@50": 3 * valid}
+    return {
+        "dataset": "scientific_mm", "mode": mode, "config": config, "seed": seed, "max_steps_per_epoch": None,
+        "valid": scores, "test": scores, "best_epoch": 3, "seconds_per_epoch": 1.0, "train_samples_per_s": 1.0,
+        "model_overrides": {}, "training_overrides": {},
+    }  # fmt: skip
+
+
+def _chosen(runs: list[dict]) -> dict[str, str]:
+    return {r["mode"]: r["config"] for r in quality.summarise(runs, "default") if r.get("chosen_on_valid")}
+
+
+def test_a_configuration_replaces_the_baseline_only_when_its_paired_valid_difference_says_so():
+    base = [_run("default", s, v) for s, v in zip((1, 2, 3), (0.100, 0.110, 0.090), strict=True)]
+    # Ahead on the mean (+0.002) but not on every seed: the interval holds 0, so the baseline stays.
+    noisy = [_run("temperature_0.1", s, v) for s, v in zip((1, 2, 3), (0.110, 0.100, 0.096), strict=True)]
+    assert _chosen(base + noisy) == {"transductive": "default"}
+    # Ahead by a little on every seed: shown better, so it is chosen although its mean is below the noisy one's.
+    steady = [_run("dropout_0.3", s, v) for s, v in zip((1, 2, 3), (0.101, 0.1112, 0.0909), strict=True)]
+    assert _chosen(base + noisy + steady) == {"transductive": "dropout_0.3"}
+    # Two seeds are not enough to be chosen; without a baseline the best mean of the rest is marked.
+    assert _chosen(base + steady[:2]) == {"transductive": "default"}
+    assert _chosen(noisy + [_run("dropout_0.3", s, 0.2, "inductive") for s in (1, 2, 3)]) == {
+        "transductive": "temperature_0.1",
+        "inductive": "dropout_0.3",
+    }
