@@ -12,6 +12,8 @@ by k-means, or a trained model from `--model_dir`; then `MissrecTrainer`'s own v
                    `--eval_batch_size` users (`eval_min_fill=0`): the code before these optimisations
   last_position    the last decoder layer computes each history's last position only
   + min_fill       and evaluation batches end before a history shorter than `--min_fill` x the batch's longest
+  + centroid projections  and the encoder's first layer projects each interest centroid once and gathers
+                   (`MissrecInterestTokenizer.vocabulary`) instead of projecting every slot of every set
   + bucket_by_length  and each batch computed in groups of similar length (`bucket_by_length=True`)
   bucket_by_length, full batches  last position and bucketing with batches of exactly `--eval_batch_size`
 Reports users/s (median over repeats), the padding efficiency of the batches (real / padded positions), and
@@ -64,13 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# (case, last_position_only, eval_min_fill (None: --min_fill), bucket_by_length)
+# (case, last_position_only, eval_min_fill (None: --min_fill), bucket_by_length, centroid projections)
 CASES = (
-    ("reference", False, 0.0, False),
-    ("last_position", True, 0.0, False),
-    ("last_position + min_fill", True, None, False),
-    ("last_position + min_fill + bucket_by_length", True, None, True),
-    ("last_position + bucket_by_length, full batches", True, 0.0, True),
+    ("reference", False, 0.0, False, False),
+    ("last_position", True, 0.0, False, False),
+    ("last_position + min_fill", True, None, False, False),
+    ("last_position + min_fill + centroid projections", True, None, False, True),
+    ("last_position + min_fill + centroid projections + bucket_by_length", True, None, True, True),
+    ("last_position + centroid projections + bucket_by_length, full batches", True, 0.0, True, True),
 )
 
 
@@ -93,11 +96,15 @@ def load_model(data_root: Path, dataset: str, mode: str, args):
     return model, splits, catalog
 
 
-def time_case(
-    model, splits, catalog, last_position_only: bool, min_fill: float, bucket: bool, args, output_dir: str
-) -> dict:
+def time_case(model, splits, catalog, case: tuple, min_fill: float, args, output_dir: str) -> dict:
+    _, last_position_only, _, bucket, centroid_projections = case
     model.config.last_position_only = last_position_only
     model.config.bucket_by_length = bucket
+    tokenizer = model.missrec.interest_tokenizer
+    if centroid_projections:
+        tokenizer.__dict__.pop("vocabulary", None)  # the method: the model's own choice
+    else:
+        tokenizer.vocabulary = lambda ids: None  # every slot projected, as before the vocabulary path
     training = TrainingArguments(
         output_dir=output_dir,
         eval_batch_size=args.eval_batch_size,
@@ -160,13 +167,13 @@ def main(argv=None) -> list[dict]:
         for mode in args.modes:
             model, splits, catalog = load_model(data_root, dataset, mode, args)
             reference = None
-            for case, last_position_only, min_fill, bucket in CASES:
+            for case in CASES:
                 with tempfile.TemporaryDirectory() as output_dir:
-                    fill = args.min_fill if min_fill is None else min_fill
-                    result = time_case(model, splits, catalog, last_position_only, fill, bucket, args, output_dir)
+                    fill = args.min_fill if case[2] is None else case[2]
+                    result = time_case(model, splits, catalog, case, fill, args, output_dir)
                 ranks = result.pop("ranks")
                 reference = reference or {"ranks": ranks, "seconds": result["seconds_median"]}
-                record = {"dataset": dataset, "mode": mode, "case": case, "eval_min_fill": fill, **result}
+                record = {"dataset": dataset, "mode": mode, "case": case[0], "eval_min_fill": fill, **result}
                 record["speedup"] = reference["seconds"] / result["seconds_median"]
                 record["ranks_differing"] = int((ranks != reference["ranks"]).sum())
                 record["max_rank_difference"] = int((ranks - reference["ranks"]).abs().max())

@@ -199,13 +199,27 @@ class MissrecAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        vocabulary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`key_padding_mask` `[B, S]` is True at keys that may be attended to. Returns the output and, with
-        `output_attentions` (computed by the eager function, the only one that forms them), the weights."""
-        source = hidden_states if key_value_states is None else key_value_states
-        query = self._split_heads(self.q_proj(hidden_states))
-        key = self._split_heads(self.k_proj(source))
-        value = self._split_heads(self.v_proj(source))
+        """`key_padding_mask` `[B, S]` is True at keys that may be attended to. `vocabulary` `(rows [V, H], ids
+        [B, S])` says that `hidden_states` is `rows[ids]` (self-attention over tokens of a fixed vocabulary):
+        each row is then projected once and the projections gathered, the same values up to float rounding and
+        fewer products when V < B x S. Returns the output and, with `output_attentions` (computed by the eager
+        function, the only one that forms them), the weights."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if vocabulary is not None and self.training and any(type(p) is not nn.Linear for p in projections):
+            vocabulary = None  # an adapter (peft's LoRA) may drop its input per slot in training: keep that
+        if vocabulary is not None:
+            if key_value_states is not None:
+                raise ValueError("vocabulary is for self-attention (no key_value_states)")
+            rows, ids = vocabulary
+            query, key, value = (self._split_heads(projection(rows)[ids]) for projection in projections)
+        else:
+            source = hidden_states if key_value_states is None else key_value_states
+            query, key, value = (
+                self._split_heads(projection(states))
+                for projection, states in zip(projections, (hidden_states, source, source), strict=True)
+            )
         attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         implementation = "eager" if output_attentions else self.config._attn_implementation or "sdpa"
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
@@ -239,10 +253,15 @@ class MissrecEncoderLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor,
+        output_attentions: bool = False,
+        vocabulary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`vocabulary`: `(rows, ids)` with `hidden_states == rows[ids]` (see `MissrecAttention`), or None."""
         attended, weights = self.self_attn(
-            hidden_states, key_padding_mask=padding_mask, output_attentions=output_attentions
+            hidden_states, key_padding_mask=padding_mask, output_attentions=output_attentions, vocabulary=vocabulary
         )
         hidden_states = self.self_attn_layer_norm(hidden_states + self.dropout(attended))
         return self.mlp_layer_norm(hidden_states + self.dropout(self.mlp(hidden_states))), weights
@@ -299,13 +318,16 @@ class MissrecEncoder(nn.Module):
         padding_mask: torch.Tensor,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        vocabulary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> BaseModelOutput:
         """`last_hidden_state` after the final LayerNorm; `hidden_states` the input of every layer and the last
-        output (before the norm), `attentions` every layer's weights, when asked."""
+        output (before the norm), `attentions` every layer's weights, when asked. `vocabulary` `(rows, ids)`:
+        the input is `rows[ids]`, so the first layer projects each row once (`MissrecAttention`)."""
         states, weights = (), ()
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             states += (hidden_states,) if output_hidden_states else ()
-            hidden_states, attention = layer(hidden_states, padding_mask, output_attentions)
+            first = vocabulary if index == 0 else None
+            hidden_states, attention = layer(hidden_states, padding_mask, output_attentions, first)
             weights += (attention,) if output_attentions else ()
         states += (hidden_states,) if output_hidden_states else ()
         return BaseModelOutput(
@@ -383,6 +405,11 @@ class MissrecInterestTokenizer(nn.Module):
         # no key at all; let it attend to one zero token instead of producing NaN.
         mask[:, 0] |= ~mask.any(dim=1)
         return ids, self.centroids[ids], mask
+
+    def vocabulary(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(centroids, ids)` for the encoder's first layer when projecting every centroid once costs less than
+        projecting every slot of the sets `ids` (a small vocabulary, a large batch), else None."""
+        return (self.centroids, ids) if self.centroids.shape[0] < ids.numel() else None
 
     @torch.no_grad()
     def append_items(self, tokens: torch.Tensor, present: torch.Tensor) -> None:
@@ -750,12 +777,14 @@ class MissrecModel(MissrecPreTrainedModel):
         interest regulariser's per-sequence terms."""
         interest_ids, interest_vectors, interest_mask = self.interest_tokenizer(input_ids)
         if self.config.interest_reg_pooling != "original":
-            encoded = self.encoder(interest_vectors, interest_mask, **outputs)
+            vocabulary = self.interest_tokenizer.vocabulary(interest_ids)
+            encoded = self.encoder(interest_vectors, interest_mask, **outputs, vocabulary=vocabulary)
             return interest_ids, interest_mask, encoded, regularizer_terms(encoded.last_hidden_state, interest_ids)
         # The original's sets kept a padding slot (id 0, a zero input, masked as a key) whose encoder output its
-        # regulariser summed: one appended zero slot gives that output exactly.
+        # regulariser summed: one appended zero slot (centroid row 0 is zeros) gives that output exactly.
         interest_vectors = F.pad(interest_vectors, (0, 0, 0, 1))
-        encoded = self.encoder(interest_vectors, F.pad(interest_mask, (0, 1)), **outputs)
+        vocabulary = self.interest_tokenizer.vocabulary(F.pad(interest_ids, (0, 1)))
+        encoded = self.encoder(interest_vectors, F.pad(interest_mask, (0, 1)), **outputs, vocabulary=vocabulary)
         padding_state, interest_states = encoded.last_hidden_state[:, -1], encoded.last_hidden_state[:, :-1]
         # Id 0 was in a set when the history was shorter than max_seq_length (its padding) or one of its items
         # lacks a modality (masked out here, an id-0 token there).

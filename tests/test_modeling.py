@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModel
 
@@ -607,3 +607,75 @@ def test_behaviour_is_asked_for_in_the_call_not_set_on_the_model():
     unchecked = model(histories(), labels=torch.tensor([4, 8, 15, 16]), check_inputs=False)
     torch.testing.assert_close(checked.loss, unchecked.loss, rtol=0, atol=0)
     assert not any(hasattr(model, name) for name in ("check_inputs", "last_position_only", "summed_loss_scale"))
+
+
+# ------------------------------------------------------------------------------------------ interest vocabulary
+def record_first_projection_rows(model) -> list[tuple[int, ...]]:
+    """The shape of the input of the encoder's first query projection, per forward."""
+    shapes = []
+    projection = model.missrec.encoder.layers[0].self_attn.q_proj
+    projection.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    return shapes
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    lengths=st.lists(st.integers(4, 12), min_size=8, max_size=12),
+    pooling=st.sampled_from(["mean", "original"]),
+    num_encoder_layers=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_projecting_each_centroid_once_gives_the_per_slot_loss_scores_and_gradients(
+    lengths, pooling, num_encoder_layers, seed
+):
+    # The encoder's input is centroid rows, so its first layer may project the K + 1 centroids and gather
+    # instead of projecting every slot of every set: the same values up to float rounding.
+    model = tiny_model(interest_reg_pooling=pooling, num_encoder_layers=num_encoder_layers).eval()
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, :length] = torch.randint(1, NUM_ITEMS + 1, (length,), generator=generator)
+    labels = torch.randint(1, NUM_ITEMS + 1, (len(lengths),), generator=generator)
+    tokenizer = model.missrec.interest_tokenizer
+    vocabulary_rows = tokenizer.centroids.shape[0]
+    assume(tokenizer(input_ids)[0].numel() > vocabulary_rows)  # more slots than centroids: the fast path's case
+    shapes = record_first_projection_rows(model)
+    fast = _loss_logits_and_gradients(model, input_ids, labels)
+    tokenizer.vocabulary = lambda ids: None  # every slot projected: the reference
+    reference = _loss_logits_and_gradients(model, input_ids, labels)
+    assert shapes[0] == (vocabulary_rows, 16) and len(shapes[1]) == 3  # the centroids, then the [B, S] slots
+    torch.testing.assert_close(fast[0], reference[0])
+    torch.testing.assert_close(fast[1], reference[1])
+    assert fast[2].keys() == reference[2].keys()
+    for name, gradient in fast[2].items():
+        torch.testing.assert_close(gradient, reference[2][name], msg=name)
+
+
+def test_a_batch_with_fewer_slots_than_centroids_projects_its_slots():
+    model = tiny_model().eval()
+    shapes = record_first_projection_rows(model)
+    with torch.no_grad():
+        model(torch.tensor([[3, 7, 9]]))
+    assert len(shapes[0]) == 3  # [1, S, H]: one short history does not pay for the whole vocabulary
+
+
+def test_lora_in_training_projects_every_slot_and_in_evaluation_each_centroid():
+    # peft's LoRA layers may drop their input per slot while training; sharing one draw per centroid would
+    # change that, so the vocabulary path waits for evaluation there.
+    from modeling_missrec.training_args import ModelArguments
+    from modeling_missrec.transfer import wrap_with_lora
+
+    model = tiny_model()
+    wrapped = wrap_with_lora(model, ModelArguments(model_name_or_path="unused", finetune_method="lora"))
+    input_ids = torch.randint(1, NUM_ITEMS + 1, (16, 10), generator=torch.Generator().manual_seed(0))
+    rows = model.missrec.interest_tokenizer.centroids.shape[0]
+    assert model.missrec.interest_tokenizer(input_ids)[0].numel() > rows
+    shapes = []
+    projection = model.missrec.encoder.layers[0].self_attn.q_proj.base_layer
+    projection.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    wrapped.train()
+    wrapped(input_ids=input_ids)
+    wrapped.eval()
+    with torch.no_grad():
+        wrapped(input_ids=input_ids)
+    assert len(shapes[0]) == 3 and shapes[1] == (rows, 16)
