@@ -414,6 +414,23 @@ def record_last_layer_widths(decoder) -> list[int]:
     return widths
 
 
+def random_histories(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded histories of the given lengths and a label each, drawn with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, :length] = torch.randint(1, NUM_ITEMS + 1, (length,), generator=generator)
+    return input_ids, torch.randint(1, NUM_ITEMS + 1, (len(lengths),), generator=generator)
+
+
+def assert_same_loss_logits_and_gradients(fast: tuple, reference: tuple) -> None:
+    torch.testing.assert_close(fast[0], reference[0])
+    torch.testing.assert_close(fast[1], reference[1])
+    assert fast[2].keys() == reference[2].keys()
+    for name, gradient in fast[2].items():
+        torch.testing.assert_close(gradient, reference[2][name], msg=name)
+
+
 def _loss_logits_and_gradients(model, input_ids, labels):
     model.zero_grad()
     output = model(input_ids, labels=labels)
@@ -433,22 +450,14 @@ def test_last_position_decoding_gives_the_reference_loss_scores_and_gradients(
     lengths, num_decoder_layers, use_item_ids, seed
 ):
     model = tiny_model(num_decoder_layers=num_decoder_layers, use_item_ids=use_item_ids).eval()  # no dropout
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    for row, length in enumerate(lengths):
-        input_ids[row, :length] = torch.randint(1, NUM_ITEMS + 1, (length,), generator=generator)
-    labels = torch.randint(1, NUM_ITEMS + 1, (len(lengths),), generator=generator)
+    input_ids, labels = random_histories(lengths, seed)
     assert model.config.last_position_only  # the default
     widths = record_last_layer_widths(model.missrec.decoder)
     fast = _loss_logits_and_gradients(model, input_ids, labels)
     model.config.last_position_only = False
     reference = _loss_logits_and_gradients(model, input_ids, labels)
     assert widths == [1, max(lengths)]  # the fast path computed one row per history, the reference all
-    torch.testing.assert_close(fast[0], reference[0])
-    torch.testing.assert_close(fast[1], reference[1])
-    assert fast[2].keys() == reference[2].keys()
-    for name, gradient in fast[2].items():
-        torch.testing.assert_close(gradient, reference[2][name], msg=name)
+    assert_same_loss_logits_and_gradients(fast, reference)
 
 
 def test_backbone_last_position_only_returns_one_state_per_history():
@@ -631,11 +640,7 @@ def test_projecting_each_centroid_once_gives_the_per_slot_loss_scores_and_gradie
     # The encoder's input is centroid rows, so its first layer may project the K + 1 centroids and gather
     # instead of projecting every slot of every set: the same values up to float rounding.
     model = tiny_model(interest_reg_pooling=pooling, num_encoder_layers=num_encoder_layers).eval()
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    for row, length in enumerate(lengths):
-        input_ids[row, :length] = torch.randint(1, NUM_ITEMS + 1, (length,), generator=generator)
-    labels = torch.randint(1, NUM_ITEMS + 1, (len(lengths),), generator=generator)
+    input_ids, labels = random_histories(lengths, seed)
     tokenizer = model.missrec.interest_tokenizer
     vocabulary_rows = tokenizer.centroids.shape[0]
     assume(tokenizer(input_ids)[0].numel() > vocabulary_rows)  # more slots than centroids: the fast path's case
@@ -644,11 +649,7 @@ def test_projecting_each_centroid_once_gives_the_per_slot_loss_scores_and_gradie
     tokenizer.vocabulary = lambda ids: None  # every slot projected: the reference
     reference = _loss_logits_and_gradients(model, input_ids, labels)
     assert shapes[0] == (vocabulary_rows, 16) and len(shapes[1]) == 3  # the centroids, then the [B, S] slots
-    torch.testing.assert_close(fast[0], reference[0])
-    torch.testing.assert_close(fast[1], reference[1])
-    assert fast[2].keys() == reference[2].keys()
-    for name, gradient in fast[2].items():
-        torch.testing.assert_close(gradient, reference[2][name], msg=name)
+    assert_same_loss_logits_and_gradients(fast, reference)
 
 
 def test_a_batch_with_fewer_slots_than_centroids_projects_its_slots():
