@@ -14,6 +14,8 @@ by k-means, or a trained model from `--model_dir`; then `MissrecTrainer`'s own v
   + min_fill       and evaluation batches end before a history shorter than `--min_fill` x the batch's longest
   + centroid projections  and the encoder's first layer projects each interest centroid once and gathers
                    (`MissrecInterestTokenizer.vocabulary`) instead of projecting every slot of every set
+  + prior table    and the history prior's cosines are looked up in the kept item x item table of the feature
+                   rows (`MissrecHistoryPrior.cosine_table_max_bytes`) instead of a product per batch
   + bucket_by_length  and each batch computed in groups of similar length (`bucket_by_length=True`)
   bucket_by_length, full batches  last position and bucketing with batches of exactly `--eval_batch_size`
 Reports users/s (median over repeats), the padding efficiency of the batches (real / padded positions), and
@@ -45,6 +47,7 @@ from common import (
 from finetune_quality import DATASETS, MODES, SCIENTIFIC
 
 from modeling_missrec import MissrecForSequentialRecommendation
+from modeling_missrec.modeling_missrec import MissrecHistoryPrior
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog
 from modeling_missrec.trainer import MissrecTrainer
 from modeling_missrec.training_args import DataArguments, ModelArguments, TrainingArguments
@@ -66,15 +69,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# (case, last_position_only, eval_min_fill (None: --min_fill), bucket_by_length, centroid projections)
+# (case, last_position_only, eval_min_fill (None: --min_fill), bucket_by_length, centroid projections, prior table)
 CASES = (
-    ("reference", False, 0.0, False, False),
-    ("last_position", True, 0.0, False, False),
-    ("last_position + min_fill", True, None, False, False),
-    ("last_position + min_fill + centroid projections", True, None, False, True),
-    ("last_position + min_fill + centroid projections + bucket_by_length", True, None, True, True),
-    ("last_position + centroid projections + bucket_by_length, full batches", True, 0.0, True, True),
+    ("reference", False, 0.0, False, False, False),
+    ("last_position", True, 0.0, False, False, False),
+    ("last_position + min_fill", True, None, False, False, False),
+    ("last_position + min_fill + centroid projections", True, None, False, True, False),
+    ("last_position + min_fill + centroid projections + prior table", True, None, False, True, True),
+    ("last_position + min_fill + centroid projections + prior table + bucket_by_length", True, None, True, True, True),
+    (
+        "last_position + centroid projections + prior table + bucket_by_length, full batches",
+        True,
+        0.0,
+        True,
+        True,
+        True,
+    ),
 )
+TABLE_BUDGET = MissrecHistoryPrior.cosine_table_max_bytes
 
 
 def load_model(data_root: Path, dataset: str, mode: str, args):
@@ -97,7 +109,8 @@ def load_model(data_root: Path, dataset: str, mode: str, args):
 
 
 def time_case(model, splits, catalog, case: tuple, min_fill: float, args, output_dir: str) -> dict:
-    _, last_position_only, _, bucket, centroid_projections = case
+    _, last_position_only, _, bucket, centroid_projections, prior_table = case
+    MissrecHistoryPrior.cosine_table_max_bytes = TABLE_BUDGET if prior_table else 0
     model.config.last_position_only = last_position_only
     model.config.bucket_by_length = bucket
     tokenizer = model.missrec.interest_tokenizer

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -938,12 +939,19 @@ class MissrecHistoryPrior(nn.Module):
     cosine units) that the blend search of `bench/hybrid_scores.py` picks."""
 
     WEIGHT_SCALE = 10.0
+    # Up to this size (all modalities together) the item x item cosines of the frozen feature rows are kept, so
+    # that a history's cosines are one row lookup rather than a product with every candidate's feature row.
+    cosine_table_max_bytes = 2**30
 
     def __init__(self, config: MissrecConfig):
         super().__init__()
         self.modalities = list(config.modalities)
         self.weight = nn.Parameter(torch.zeros(len(self.modalities) + 2))  # [cosine per modality, history, log count]
         self.register_buffer("item_log_count", torch.zeros(config.num_items + 1))
+        self._cosine_tables: dict[str, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_cosine_tables": {}}  # a weak reference does not pickle
 
     def term_names(self) -> list[str]:
         return [f"{m}_cosine" for m in self.modalities] + ["in_history", "log_count"]
@@ -976,10 +984,39 @@ class MissrecHistoryPrior(nn.Module):
             seen = _in_history(input_ids, item_ids, self.item_log_count.shape[0])
         scores = weight[-2] * seen.to(weight.dtype) + weight[-1] * self.item_log_count[block].unsqueeze(0)
         for index, m in enumerate(self.modalities):
-            table = features[m]
-            query = F.normalize(table[last], dim=-1)  # an all-zero (missing) row stays zero: cosine 0
-            scores = scores + weight[index] * (query @ F.normalize(table[block], dim=-1).T)
+            scores = scores + weight[index] * self._cosines(m, features[m], last, item_ids)
         return scores
+
+    def _cosines(
+        self, modality: str, rows: torch.Tensor, last: torch.Tensor, item_ids: torch.Tensor | range
+    ) -> torch.Tensor:
+        """`[B, C]` cosine of each history's last item's feature row with each candidate's (an all-zero, missing
+        row has cosine 0 with everything): from the item x item table when it fits, else by a product."""
+        table = self._cosine_table(modality, rows)
+        if table is None:
+            block = slice(item_ids.start, item_ids.stop) if isinstance(item_ids, range) else item_ids
+            return F.normalize(rows[last], dim=-1) @ F.normalize(rows[block], dim=-1).T
+        if isinstance(item_ids, range):
+            return table[:, item_ids.start : item_ids.stop].index_select(0, last)
+        return table[last.unsqueeze(1), item_ids.unsqueeze(0)]
+
+    def _cosine_table(self, modality: str, rows: torch.Tensor) -> torch.Tensor | None:
+        """`[N + 1, N + 1]` cosines between the feature rows `rows`, kept while `rows` is the same tensor with
+        the same contents (its version counter); None when the tables would not fit `cosine_table_max_bytes`."""
+        if len(self.modalities) * rows.shape[0] ** 2 * 4 > self.cosine_table_max_bytes:
+            return None
+        try:
+            version = rows._version
+        except RuntimeError:  # an inference-mode tensor counts no versions: nothing to check a kept table by
+            return None
+        kept = self._cosine_tables.get(modality)
+        if kept is not None and kept[0]() is rows and kept[1] == version:
+            return kept[2]
+        with torch.no_grad():
+            unit = F.normalize(rows.float(), dim=-1)
+            table = unit @ unit.T
+        self._cosine_tables[modality] = (weakref.ref(rows), version, table)
+        return table
 
 
 def _catalog_renamed_state(folder) -> dict[str, torch.Tensor] | None:

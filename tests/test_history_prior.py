@@ -3,6 +3,9 @@ catalogue is scored whole, in blocks or on sampled candidates, saved with the mo
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -65,8 +68,11 @@ def reference_prior(model, history: torch.Tensor, counts: torch.Tensor, weights)
     return torch.tensor(rows)
 
 
+@pytest.mark.parametrize("cosine_table", [True, False], ids=["cosine-table", "products"])
 @pytest.mark.parametrize("use_item_ids", [True, False])
-def test_the_prior_adds_exactly_its_documented_terms_to_the_logits(use_item_ids):
+def test_the_prior_adds_exactly_its_documented_terms_to_the_logits(use_item_ids, cosine_table, monkeypatch):
+    if not cosine_table:  # the path of catalogues whose item x item table is too large to keep
+        monkeypatch.setattr(MissrecHistoryPrior, "cosine_table_max_bytes", 0)
     plain = tiny_model(use_item_ids, prior=False)
     model = tiny_model(use_item_ids)
     model.load_state_dict(plain.state_dict(), strict=False)
@@ -319,3 +325,37 @@ def test_the_flag_switches_the_prior_and_a_calibrated_backbone_hands_on_its_weig
     config.update(history_prior=False)
     (calibrated / "config.json").write_text(json.dumps(config))
     assert build_model(ModelArguments(str(calibrated), mode="inductive"), catalog).history_prior is None
+
+
+def prior_scores(model, item_ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model.history_prior(HISTORY, None, model.item_features, item_ids)
+
+
+def test_the_kept_cosine_table_answers_as_the_products_and_follows_the_features(monkeypatch):
+    model = tiny_model(use_item_ids=False)  # inductive, so that items can be added
+    set_weights(model)
+    candidates = torch.tensor([5, 1, 30, 5, 17])
+    kept = [prior_scores(model, range(1, NUM_ITEMS + 1)), prior_scores(model, candidates)]
+    assert set(model.history_prior._cosine_tables) == {"text", "image"}
+    with monkeypatch.context() as patch:
+        patch.setattr(MissrecHistoryPrior, "cosine_table_max_bytes", 0)
+        products = [prior_scores(model, range(1, NUM_ITEMS + 1)), prior_scores(model, candidates)]
+    for table, product in zip(kept, products, strict=True):
+        torch.testing.assert_close(table, product)
+    # Features changed in place, or replaced by a grown catalogue: the table is rebuilt, never served stale.
+    with torch.no_grad():
+        model.item_features["text"][[3, 4, 30]] *= -1.0
+    flipped = prior_scores(model, range(1, NUM_ITEMS + 1))
+    assert not torch.allclose(flipped, kept[0])
+    with monkeypatch.context() as patch:
+        patch.setattr(MissrecHistoryPrior, "cosine_table_max_bytes", 0)
+        torch.testing.assert_close(flipped, prior_scores(model, range(1, NUM_ITEMS + 1)))
+    model.add_items({"text": torch.randn(2, 8), "image": torch.randn(2, 6)})
+    grown = prior_scores(model, range(1, NUM_ITEMS + 3))
+    assert grown.shape == (4, NUM_ITEMS + 2)
+    with monkeypatch.context() as patch:
+        patch.setattr(MissrecHistoryPrior, "cosine_table_max_bytes", 0)
+        torch.testing.assert_close(grown, prior_scores(model, range(1, NUM_ITEMS + 3)))
+    copy.deepcopy(model)  # the kept table (a weak reference) neither breaks copying nor pickling
+    pickle.loads(pickle.dumps(model))
