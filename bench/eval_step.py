@@ -47,8 +47,8 @@ from common import (
 from finetune_quality import DATASETS, MODES, SCIENTIFIC
 
 from modeling_missrec import MissrecForSequentialRecommendation
-from modeling_missrec.modeling_missrec import MissrecHistoryPrior
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog
+from modeling_missrec.modeling_missrec import MissrecHistoryPrior
 from modeling_missrec.trainer import MissrecTrainer
 from modeling_missrec.training_args import DataArguments, ModelArguments, TrainingArguments
 from modeling_missrec.transfer import build_model
