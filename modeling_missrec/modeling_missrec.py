@@ -940,8 +940,9 @@ class MissrecHistoryPrior(nn.Module):
 
     WEIGHT_SCALE = 10.0
     # Up to this size (all modalities together) the item x item cosines of the frozen feature rows are kept, so
-    # that a history's cosines are one row lookup rather than a product with every candidate's feature row.
-    cosine_table_max_bytes = 2**30
+    # that a history's cosines are one row lookup rather than a product with every candidate's feature row
+    # (2 GiB: about 23k items with one modality, 16k with two; larger catalogues keep the products).
+    cosine_table_max_bytes = 2**31
 
     def __init__(self, config: MissrecConfig):
         super().__init__()
