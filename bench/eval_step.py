@@ -110,7 +110,8 @@ def load_model(data_root: Path, dataset: str, mode: str, args):
 
 def time_case(model, splits, catalog, case: tuple, min_fill: float, args, output_dir: str) -> dict:
     _, last_position_only, _, bucket, centroid_projections, prior_table = case
-    MissrecHistoryPrior.cosine_table_max_bytes = TABLE_BUDGET if prior_table else 0
+    if model.history_prior is not None:
+        model.history_prior.cosine_table_max_bytes = TABLE_BUDGET if prior_table else 0
     model.config.last_position_only = last_position_only
     model.config.bucket_by_length = bucket
     tokenizer = model.missrec.interest_tokenizer

@@ -368,7 +368,7 @@ def mark_chosen(records: list[dict], baseline: str) -> None:
         better = [
             r
             for r in candidates
-            if r.get("paired_vs") == baseline and r["paired"]["valid_ndcg@10"]["verdict"] == "better"
+            if r.get("paired_vs") == baseline and (r["paired"]["valid_ndcg@10"] or {}).get("verdict") == "better"
         ]
         eligible = better or base or candidates
         if eligible:

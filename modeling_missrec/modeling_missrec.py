@@ -998,26 +998,38 @@ class MissrecHistoryPrior(nn.Module):
             block = slice(item_ids.start, item_ids.stop) if isinstance(item_ids, range) else item_ids
             return F.normalize(rows[last], dim=-1) @ F.normalize(rows[block], dim=-1).T
         if isinstance(item_ids, range):
-            return table[:, item_ids.start : item_ids.stop].index_select(0, last)
-        return table[last.unsqueeze(1), item_ids.unsqueeze(0)]
+            found = table[:, item_ids.start : item_ids.stop].index_select(0, last)
+        else:
+            found = table[last.unsqueeze(1), item_ids.unsqueeze(0)]
+        return found.to(rows.dtype)  # as the product would be
 
     def _cosine_table(self, modality: str, rows: torch.Tensor) -> torch.Tensor | None:
-        """`[N + 1, N + 1]` cosines between the feature rows `rows`, kept while `rows` is the same tensor with
-        the same contents (its version counter); None when the tables would not fit `cosine_table_max_bytes`."""
+        """`[N + 1, N + 1]` float32 cosines between the feature rows `rows`, kept while `rows` is the same tensor
+        at the same version (every write through torch bumps it; one through `.data` or numpy does not, so
+        such a writer must call `release_cosine_tables`); None when the tables would not fit
+        `cosine_table_max_bytes` (set it on an instance to 0 to turn the table off, e.g. for a server that
+        re-ranks a few candidates per query)."""
         if len(self.modalities) * rows.shape[0] ** 2 * 4 > self.cosine_table_max_bytes:
+            self._cosine_tables.pop(modality, None)
             return None
         try:
             version = rows._version
         except RuntimeError:  # an inference-mode tensor counts no versions: nothing to check a kept table by
+            self._cosine_tables.pop(modality, None)
             return None
-        kept = self._cosine_tables.get(modality)
-        if kept is not None and kept[0]() is rows and kept[1] == version:
-            return kept[2]
-        with torch.no_grad():
-            unit = F.normalize(rows.float(), dim=-1)
-            table = unit @ unit.T
-        self._cosine_tables[modality] = (weakref.ref(rows), version, table)
-        return table
+        kept = self._cosine_tables.pop(modality, None)  # released before a rebuild: never two tables at once
+        if kept is None or kept[0]() is not rows or kept[1] != version:
+            # float32 whatever autocast is on: a table built inside a bf16 training step is also the one the
+            # fp32 evaluation reads, and cosines of near twins must not round together.
+            with torch.no_grad(), torch.autocast(rows.device.type, enabled=False):
+                unit = F.normalize(rows.float(), dim=-1)
+                kept = (weakref.ref(rows), version, unit @ unit.T)
+        self._cosine_tables[modality] = kept
+        return kept[2]
+
+    def release_cosine_tables(self) -> None:
+        """Drop the kept item x item tables (memory; or after writing the features behind torch's back)."""
+        self._cosine_tables.clear()
 
 
 def _catalog_renamed_state(folder) -> dict[str, torch.Tensor] | None:

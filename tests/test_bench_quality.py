@@ -95,6 +95,8 @@ def test_a_configuration_replaces_the_baseline_only_when_its_paired_valid_differ
     assert _chosen(base + noisy + steady) == {"transductive": "dropout_0.3"}
     # Two seeds are not enough to be chosen; without a baseline the best mean of the rest is marked.
     assert _chosen(base + steady[:2]) == {"transductive": "default"}
+    # Seeds the baseline does not have give no paired difference: the baseline stays.
+    assert _chosen(base + [_run("dropout_0.3", s, 0.2) for s in (4, 5, 6)]) == {"transductive": "default"}
     assert _chosen(noisy + [_run("dropout_0.3", s, 0.2, "inductive") for s in (1, 2, 3)]) == {
         "transductive": "temperature_0.1",
         "inductive": "dropout_0.3",

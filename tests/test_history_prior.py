@@ -359,3 +359,18 @@ def test_the_kept_cosine_table_answers_as_the_products_and_follows_the_features(
         torch.testing.assert_close(grown, prior_scores(model, range(1, NUM_ITEMS + 3)))
     copy.deepcopy(model)  # the kept table (a weak reference) neither breaks copying nor pickling
     pickle.loads(pickle.dumps(model))
+
+
+def test_the_cosine_table_is_built_once_in_float32_even_under_autocast(monkeypatch):
+    model = tiny_model()
+    set_weights(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        model(HISTORY)  # a bf16 training-style forward builds the tables first
+    tables = {m: kept[2] for m, kept in model.history_prior._cosine_tables.items()}
+    assert all(table.dtype == torch.float32 for table in tables.values())
+    scores = prior_scores(model, range(1, NUM_ITEMS + 1))
+    assert all(model.history_prior._cosine_tables[m][2] is table for m, table in tables.items())  # reused
+    with monkeypatch.context() as patch:
+        patch.setattr(MissrecHistoryPrior, "cosine_table_max_bytes", 0)
+        torch.testing.assert_close(scores, prior_scores(model, range(1, NUM_ITEMS + 1)))
+    assert not model.history_prior._cosine_tables  # over the budget: the kept tables are released
