@@ -993,7 +993,9 @@ class MissrecHistoryPrior(nn.Module):
     ) -> torch.Tensor:
         """`[B, C]` cosine of each history's last item's feature row with each candidate's (an all-zero, missing
         row has cosine 0 with everything): from the item x item table when it fits, else by a product."""
-        table = self._cosine_table(modality, rows)
+        # Catalogue blocks (evaluation, the full softmax, exact top-k) build the table, which they repay at once;
+        # candidate lists (retrieval re-ranking, sampled negatives) only read one that is already kept.
+        table = self._cosine_table(modality, rows, build=isinstance(item_ids, range))
         if table is None:
             block = slice(item_ids.start, item_ids.stop) if isinstance(item_ids, range) else item_ids
             return F.normalize(rows[last], dim=-1) @ F.normalize(rows[block], dim=-1).T
@@ -1003,12 +1005,12 @@ class MissrecHistoryPrior(nn.Module):
             found = table[last.unsqueeze(1), item_ids.unsqueeze(0)]
         return found.to(rows.dtype)  # as the product would be
 
-    def _cosine_table(self, modality: str, rows: torch.Tensor) -> torch.Tensor | None:
+    def _cosine_table(self, modality: str, rows: torch.Tensor, build: bool = True) -> torch.Tensor | None:
         """`[N + 1, N + 1]` float32 cosines between the feature rows `rows`, kept while `rows` is the same tensor
         at the same version (every write through torch bumps it; one through `.data` or numpy does not, so
         such a writer must call `release_cosine_tables`); None when the tables would not fit
-        `cosine_table_max_bytes` (set it on an instance to 0 to turn the table off, e.g. for a server that
-        re-ranks a few candidates per query)."""
+        `cosine_table_max_bytes` (set it on an instance to 0 to turn the table off) or, with `build=False`,
+        when none is kept."""
         if len(self.modalities) * rows.shape[0] ** 2 * 4 > self.cosine_table_max_bytes:
             self._cosine_tables.pop(modality, None)
             return None
@@ -1019,6 +1021,8 @@ class MissrecHistoryPrior(nn.Module):
             return None
         kept = self._cosine_tables.pop(modality, None)  # released before a rebuild: never two tables at once
         if kept is None or kept[0]() is not rows or kept[1] != version:
+            if not build:
+                return None
             # float32 whatever autocast is on: a table built inside a bf16 training step is also the one the
             # fp32 evaluation reads, and cosines of near twins must not round together.
             with torch.no_grad(), torch.autocast(rows.device.type, enabled=False):
