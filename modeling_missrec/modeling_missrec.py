@@ -214,7 +214,9 @@ class MissrecAttention(nn.Module):
             if key_value_states is not None:
                 raise ValueError("vocabulary is for self-attention (no key_value_states)")
             rows, ids = vocabulary
-            query, key, value = (self._split_heads(projection(rows)[ids]) for projection in projections)
+            # F.embedding, not rows[ids]: the backward of advanced indexing accumulates in a varying order on the
+            # CPU, so a resumed run would not repeat an uninterrupted one bit for bit.
+            query, key, value = (self._split_heads(F.embedding(ids, projection(rows))) for projection in projections)
         else:
             source = hidden_states if key_value_states is None else key_value_states
             query, key, value = (

@@ -680,3 +680,15 @@ def test_lora_in_training_projects_every_slot_and_in_evaluation_each_centroid():
     with torch.no_grad():
         wrapped(input_ids=input_ids)
     assert len(shapes[0]) == 3 and shapes[1] == (rows, 16)
+
+
+def test_a_step_through_the_centroid_projections_repeats_bit_for_bit():
+    # A resumed run must repeat an uninterrupted one: the gathered projections' backward has to sum in a fixed
+    # order (advanced indexing's backward does not on the CPU once a batch is this large).
+    model = tiny_model(hidden_dropout_prob=0.0, attention_dropout_prob=0.0)
+    input_ids, labels = random_histories([10] * 512, seed=0)
+    shapes = record_first_projection_rows(model)
+    first, second = (_loss_logits_and_gradients(model, input_ids, labels)[2] for _ in range(2))
+    assert len(shapes[0]) == 2  # the vocabulary path was taken
+    for name, gradient in first.items():
+        assert torch.equal(gradient, second[name]), name
