@@ -66,7 +66,9 @@ class MissrecConfig(PreTrainedConfig):
             measured on scientific_mm (transductive, 3 seeds; bench/results/quality.md) that setting gives test
             NDCG@10 0.0834 +- 0.0019 against 0.0820 +- 0.0018 here (valid 0.0897 vs 0.0898): no difference shown;
             inductive with the history prior, 0.1077 +- 0.0020 against 0.1070 +- 0.0006 (paired +0.0007, 95%
-            interval [-0.0028, +0.0043]; on valid +0.0017 [+0.0001, +0.0034], the one edge of the ablation).
+            interval [-0.0028, +0.0043]; on valid +0.0017 [+0.0001, +0.0034], the one edge of the ablation),
+            not confirmed on scientific_full (inductive, 3 seeds: valid -0.0006 [-0.0029, +0.0016], test 0.0843
+            +- 0.0007 against 0.0847 +- 0.0010), so the converged k-means stays the default.
             "batched-k-means++" draws the seeds in 16 rounds (about one Lloyd pass: for a cold start on
             millions of tokens); "random" takes random tokens.
         kmeans_warm_start (`bool`, True): start each refresh from the previous centroids when K is unchanged
