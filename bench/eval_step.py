@@ -32,6 +32,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from common import (
@@ -69,15 +70,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# (case, last_position_only, eval_min_fill (None: --min_fill), bucket_by_length, centroid projections, prior table)
+class Case(NamedTuple):
+    name: str
+    last_position_only: bool
+    min_fill: float | None  # None: --min_fill
+    bucket_by_length: bool
+    centroid_projections: bool
+    prior_table: bool
+
+
 CASES = (
-    ("reference", False, 0.0, False, False, False),
-    ("last_position", True, 0.0, False, False, False),
-    ("last_position + min_fill", True, None, False, False, False),
-    ("last_position + min_fill + centroid projections", True, None, False, True, False),
-    ("last_position + min_fill + centroid projections + prior table", True, None, False, True, True),
-    ("last_position + min_fill + centroid projections + prior table + bucket_by_length", True, None, True, True, True),
-    (
+    Case("reference", False, 0.0, False, False, False),
+    Case("last_position", True, 0.0, False, False, False),
+    Case("last_position + min_fill", True, None, False, False, False),
+    Case("last_position + min_fill + centroid projections", True, None, False, True, False),
+    Case("last_position + min_fill + centroid projections + prior table", True, None, False, True, True),
+    Case(
+        "last_position + min_fill + centroid projections + prior table + bucket_by_length", True, None, True, True, True
+    ),
+    Case(
         "last_position + centroid projections + prior table + bucket_by_length, full batches",
         True,
         0.0,
@@ -108,14 +119,13 @@ def load_model(data_root: Path, dataset: str, mode: str, args):
     return model, splits, catalog
 
 
-def time_case(model, splits, catalog, case: tuple, min_fill: float, args, output_dir: str) -> dict:
-    _, last_position_only, _, bucket, centroid_projections, prior_table = case
+def time_case(model, splits, catalog, case: Case, min_fill: float, args, output_dir: str) -> dict:
     if model.history_prior is not None:
-        model.history_prior.cosine_table_max_bytes = TABLE_BUDGET if prior_table else 0
-    model.config.last_position_only = last_position_only
-    model.config.bucket_by_length = bucket
+        model.history_prior.cosine_table_max_bytes = TABLE_BUDGET if case.prior_table else 0
+    model.config.last_position_only = case.last_position_only
+    model.config.bucket_by_length = case.bucket_by_length
     tokenizer = model.missrec.interest_tokenizer
-    if centroid_projections:
+    if case.centroid_projections:
         tokenizer.__dict__.pop("vocabulary", None)  # the method: the model's own choice
     else:
         tokenizer.vocabulary = lambda ids: None  # every slot projected, as before the vocabulary path
@@ -183,11 +193,11 @@ def main(argv=None) -> list[dict]:
             reference = None
             for case in CASES:
                 with tempfile.TemporaryDirectory() as output_dir:
-                    fill = args.min_fill if case[2] is None else case[2]
+                    fill = args.min_fill if case.min_fill is None else case.min_fill
                     result = time_case(model, splits, catalog, case, fill, args, output_dir)
                 ranks = result.pop("ranks")
                 reference = reference or {"ranks": ranks, "seconds": result["seconds_median"]}
-                record = {"dataset": dataset, "mode": mode, "case": case[0], "eval_min_fill": fill, **result}
+                record = {"dataset": dataset, "mode": mode, "case": case.name, "eval_min_fill": fill, **result}
                 record["speedup"] = reference["seconds"] / result["seconds_median"]
                 record["ranks_differing"] = int((ranks != reference["ranks"]).sum())
                 record["max_rank_difference"] = int((ranks - reference["ranks"]).abs().max())

@@ -376,3 +376,6 @@ def test_the_cosine_table_is_built_once_in_float32_even_under_autocast(monkeypat
         patch.setattr(MissrecHistoryPrior, "cosine_table_max_bytes", 0)
         torch.testing.assert_close(scores, prior_scores(model, range(1, NUM_ITEMS + 1)))
     assert not model.history_prior._cosine_tables  # over the budget: the kept tables are released
+    prior_scores(model, range(1, NUM_ITEMS + 1))
+    model.history_prior.release_cosine_tables()  # for writers behind torch's back (`.data`, numpy)
+    assert not model.history_prior._cosine_tables
