@@ -26,7 +26,7 @@ early stopping on valid NDCG@10 with patience 10 (at most `--epochs`), seed 2020
 Each model runs in its own process, so peak resident memory is its own. Training samples/s is the training rows
 of an epoch over the training time of the epoch (missrec: without the per-epoch interest refresh, which is
 reported apart), averaged over epochs; evaluation users/s is the valid users over the median validation
-pass (records since 2026-12-07 17:40 UTC; before, over the mean pass, which a short run's first pass, with its
+pass (records from 2026-12-07 on; earlier ones over the mean pass, which a short run's first pass, with its
 one-off costs, weighs down).
 
 Results: `<output_dir>/peers.json` (records with `model`, `dataset`, `mode`, `test`, `train_samples_per_s`,
