@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
                 mode=mode,
             )
             print(f"uploaded to the Hub as {training_args.hub_model_id}")
+    # Every rank waits for the others, then closes its process group: a rank that exits with its group alive can
+    # abort (gloo: SIGABRT) while another still talks to it. Without a group both calls do nothing.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.state.destroy_process_group()
     return metrics
 
 

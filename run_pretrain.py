@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"pre-trained {summary['epochs_run']} epochs on {summary['num_processes']} process(es); "
             f"last loss {last.get('loss', float('nan')):.4f}; model written to {training_args.output_dir}"
         )
+    # Every rank waits for the others, then closes its process group: a rank that exits with its group alive can
+    # abort (gloo: SIGABRT) while another still talks to it. Without a group both calls do nothing.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.state.destroy_process_group()
     return summary
 
 

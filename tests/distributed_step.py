@@ -85,6 +85,9 @@ def main(out_dir: str, first_share: int) -> None:
     if accelerator.is_main_process:
         state = {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
         torch.save({"world": world, "state": state, "losses": losses}, f"{out_dir}/two.pt")
+    # A rank that exits with its gloo group alive can abort (SIGABRT) while the other still holds it: wait, close.
+    accelerator.wait_for_everyone()
+    accelerator.state.destroy_process_group()
 
 
 if __name__ == "__main__":
