@@ -109,6 +109,8 @@ CONFIGS: dict[str, dict] = {
     # Levers past the paper (screened on scientific_mm, chosen on validation only).
     "temperature_0.05": {"about": "softmax temperature 0.05 (0.07)", "model": {"temperature": 0.05}, "training": {}},
     "temperature_0.1": {"about": "softmax temperature 0.1 (0.07)", "model": {"temperature": 0.1}, "training": {}},
+    "temperature_0.15": {"about": "softmax temperature 0.15 (0.07)", "model": {"temperature": 0.15}, "training": {}},
+    "temperature_0.2": {"about": "softmax temperature 0.2 (0.07)", "model": {"temperature": 0.2}, "training": {}},
     "dropout_0.3": {
         "about": "hidden and attention dropout 0.3 (0.5)",
         "model": {"hidden_dropout_prob": 0.3, "attention_dropout_prob": 0.3},
