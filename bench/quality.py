@@ -116,6 +116,11 @@ CONFIGS: dict[str, dict] = {
         "model": {"hidden_dropout_prob": 0.3, "attention_dropout_prob": 0.3},
         "training": {},
     },
+    "temperature_0.1_dropout_0.3": {
+        "about": "temperature 0.1 and dropout 0.3 together (0.07, 0.5)",
+        "model": {"temperature": 0.1, "hidden_dropout_prob": 0.3, "attention_dropout_prob": 0.3},
+        "training": {},
+    },
     "adamw_0.01": {
         "about": "AdamW with decoupled weight decay 0.01 (Adam, no decay)",
         "model": {},
