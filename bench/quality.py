@@ -212,6 +212,13 @@ def run_one(args, data_root: Path, mode: str, config: str, seed: int) -> dict:
     return {"config": config, **run}
 
 
+def run_paths(work_dir: Path, dataset: str, mode: str, name: str) -> tuple[Path, Path]:
+    """A run's folder and its log beside it. The log's name is the folder's plus ".log", never a suffix swap:
+    names such as `temperature_0.1-2020` hold dots, and `with_suffix` would give every temperature one log."""
+    run_dir = work_dir / f"{dataset}-{mode}-{name}"
+    return run_dir, run_dir.parent / f"{run_dir.name}.log"
+
+
 def run_finetune_quality(
     args, data_root: Path, mode: str, seed: int, name: str, model: dict, training: dict, flags: list[str]
 ) -> dict:
@@ -219,7 +226,7 @@ def run_finetune_quality(
 
     `args` gives dataset, num_train_epochs, work_dir, num_threads and max_steps_per_epoch; `model` and
     `training` are MissrecConfig / TrainingArguments overrides, `flags` more finetune_quality flags."""
-    run_dir = args.work_dir / f"{args.dataset}-{mode}-{name}"
+    run_dir, log_path = run_paths(args.work_dir, args.dataset, mode, name)
     command = [
         sys.executable, str(BENCH_DIR / "finetune_quality.py"),
         "--data_root", str(data_root), "--datasets", args.dataset, "--modes", mode, "--seed", str(seed),
@@ -235,7 +242,6 @@ def run_finetune_quality(
     if args.max_steps_per_epoch is not None:
         command += ["--max_steps_per_epoch", str(args.max_steps_per_epoch)]
     started = time.perf_counter()
-    log_path = run_dir.with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # The run imports the package of this checkout (a git worktree pinned to the commit being measured), not
     # whatever an editable install points at: the script's folder, not the repository, is first on sys.path.

@@ -101,3 +101,12 @@ def test_a_configuration_replaces_the_baseline_only_when_its_paired_valid_differ
         "transductive": "temperature_0.1",
         "inductive": "dropout_0.3",
     }
+
+
+def test_every_run_has_its_own_log_even_when_its_name_holds_dots(tmp_path):
+    names = ["temperature_0.1-2020", "temperature_0.15-2020", "temperature_0.1-2021", "default-2020"]
+    paths = [quality.run_paths(tmp_path, "scientific_mm", "transductive", name) for name in names]
+    assert len({log for _, log in paths}) == len(names)
+    run_dir, log = paths[0]
+    assert run_dir == tmp_path / "scientific_mm-transductive-temperature_0.1-2020"
+    assert log == tmp_path / "scientific_mm-transductive-temperature_0.1-2020.log"
