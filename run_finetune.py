@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     mode = "transductive" if model.config.use_item_ids else "inductive"
     trainer.model_card = lambda metrics: model_card(metrics, Path(data_dir).name, mode, training_args.hub_model_id)
     metrics = trainer.train() if training_args.do_train else trainer.evaluate_without_training()
+    trainer.close_process_group()  # what follows is the main process's alone (prints, the upload)
     if trainer.accelerator.is_main_process:
         print(results_table(metrics, training_args.eval_ks))
         print(f"model, metrics.json, results.md and a model card written to {training_args.output_dir}")
@@ -78,10 +79,6 @@ def main(argv: list[str] | None = None) -> dict:
                 mode=mode,
             )
             print(f"uploaded to the Hub as {training_args.hub_model_id}")
-    # Every rank waits for the others, then closes its process group: a rank that exits with its group alive can
-    # abort (gloo: SIGABRT) while another still talks to it. Without a group both calls do nothing.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.state.destroy_process_group()
     return metrics
 
 

@@ -63,16 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.accelerator.num_processes,
         )
     summary = trainer.train()
+    trainer.close_process_group()  # what follows is the main process's alone
     if trainer.accelerator.is_main_process:
         last = summary["history"][-1] if summary["history"] else {}
         print(
             f"pre-trained {summary['epochs_run']} epochs on {summary['num_processes']} process(es); "
             f"last loss {last.get('loss', float('nan')):.4f}; model written to {training_args.output_dir}"
         )
-    # Every rank waits for the others, then closes its process group: a rank that exits with its group alive can
-    # abort (gloo: SIGABRT) while another still talks to it. Without a group both calls do nothing.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.state.destroy_process_group()
     return summary
 
 
