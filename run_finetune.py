@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> dict:
     mode = "transductive" if model.config.use_item_ids else "inductive"
     trainer.model_card = lambda metrics: model_card(metrics, Path(data_dir).name, mode, training_args.hub_model_id)
     metrics = trainer.train() if training_args.do_train else trainer.evaluate_without_training()
-    trainer.close_process_group()  # what follows is the main process's alone (prints, the upload)
     if trainer.accelerator.is_main_process:
         print(results_table(metrics, training_args.eval_ks))
         print(f"model, metrics.json, results.md and a model card written to {training_args.output_dir}")

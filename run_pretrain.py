@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.accelerator.num_processes,
         )
     summary = trainer.train()
-    trainer.close_process_group()  # what follows is the main process's alone
     if trainer.accelerator.is_main_process:
         last = summary["history"][-1] if summary["history"] else {}
         print(

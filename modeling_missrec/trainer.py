@@ -133,14 +133,6 @@ class _AcceleratedLoop:
         # A batch-summed regulariser counts the whole optimiser batch (all processes, all micro-batches).
         self.regularizer_scale = world * args.gradient_accumulation_steps
 
-    def close_process_group(self) -> None:
-        """The end of a multi-process run: every rank waits for the others, then closes its process group. A
-        rank that exits with its gloo group alive can abort (SIGABRT) while another still holds it. The group may
-        already be gone (`end_training`, with a tracker, closes it) and one process has none: then nothing."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.accelerator.wait_for_everyone()
-            self.accelerator.state.destroy_process_group()
-
     def resume_settings(self) -> dict:
         """What a resume of this run must not change: the result-changing arguments, the model's config and
         trainable parameters, and the number of training rows."""
