@@ -130,6 +130,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(e.g. 'hidden_size=32,num_attention_heads=2').",
     )
     parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="ModelArguments.temperature (default: run_finetune.py's: 0.1 from scratch with the history prior, "
+        "else the pre-trained model's or the paper's 0.07).",
+    )
+    parser.add_argument(
         "--text_features", default=None, help="Text feature file in the dataset folder instead of the set's own."
     )
     parser.add_argument(
@@ -235,6 +242,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
     model_args = ModelArguments(
         mode=mode,
         config_overrides=args.config_overrides,
+        temperature=args.temperature,
         model_name_or_path=args.model_name_or_path,
         finetune_method=args.finetune_method,
     )
@@ -288,6 +296,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
             "learning_rate": args.learning_rate,
             "metric_cutoff_offset": args.metric_cutoff_offset,
             "config_overrides": args.config_overrides,
+            "temperature": model.config.temperature,
             "training_overrides": args.training_overrides,
             "model_name_or_path": args.model_name_or_path,
             "finetune_method": args.finetune_method,

@@ -53,6 +53,7 @@ from common import (
     write_text_atomically,
 )
 from finetune_quality import DATASETS
+from quality import DEFAULT_TEMPERATURE as QUALITY_DEFAULT_TEMPERATURE
 from quality import METRICS, mean_std, paired, run_finetune_quality
 from quality import as_today as quality_as_today
 from quality import recorded_runs as quality_recorded_runs
@@ -154,13 +155,21 @@ def method_flags(args, method: str, mode: str) -> tuple[dict, list[str]]:
     """The training overrides and finetune_quality flags of a method."""
     flags = ["--text_features", TEXT, "--train_users_fraction", str(REGIMES[args.regime])]
     if method == "scratch":
-        return {}, flags
+        return {}, [*flags, "--temperature", str(scratch_temperature(args.pretrained))]
     flags += ["--model_name_or_path", str(args.pretrained)]
     if method == "zero-shot":
         return {"do_train": False}, [*flags, "--image_features", ""]
     if method == "prior":
         return {}, [*flags, "--image_features", "", "--finetune_method", "prior"]
     return {}, [*flags, "--finetune_method", method]
+
+
+def scratch_temperature(pretrained: Path) -> float:
+    """The temperature scratch trains at: the backbone's (the paper's 0.07 without one), not run_finetune.py's
+    default from scratch (0.1): scratch and the transferred methods then differ in their starting weights only,
+    and today's scratch runs are seeds of the same setting as those recorded before 2026-12-07."""
+    config = pretrained / "config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("temperature", 0.07) if config.exists() else 0.07
 
 
 def parse_model_overrides(text: str) -> dict:
@@ -197,7 +206,9 @@ def popularity(args, data_root: Path, seed: int) -> dict:
     }  # fmt: skip
 
 
-def imported_scratch_runs(path: Path, dataset: str, modes: list[str], seeds: list[int], regime: str) -> list[dict]:
+def imported_scratch_runs(
+    path: Path, dataset: str, modes: list[str], seeds: list[int], regime: str, pretrained: Path
+) -> list[dict]:
     """The scratch runs of `--scratch_from`: bench/quality.py's runs of the shipped defaults, named as this
     script names a scratch run. quality.py trains every user with its set's own features, so only a set whose
     text features are this script's (MiniLM) and the full regime qualify."""
@@ -208,14 +219,19 @@ def imported_scratch_runs(path: Path, dataset: str, modes: list[str], seeds: lis
             f"--scratch_from: quality.py trains {dataset} on {DATASETS[dataset]['text_features']}, this script on "
             f"{TEXT}: not the same runs"
         )
+    # quality.py's defaults at the temperature this script's scratch runs use (`scratch_temperature`)
+    temperature = scratch_temperature(pretrained)
+    config = "default" if temperature == QUALITY_DEFAULT_TEMPERATURE else f"temperature_{temperature:g}"
     imported = []
     for run in map(quality_as_today, quality_recorded_runs(path)):
-        if (run["dataset"], run["config"]) != (dataset, "default") or run["mode"] not in modes:
+        if (run["dataset"], run["config"]) != (dataset, config) or run["mode"] not in modes:
             continue
         if run["seed"] in seeds and run.get("max_steps_per_epoch") is None:
             imported.append(
                 {
                     **run,
+                    # the temperature is this script's scratch setting, not an override of it
+                    "model_overrides": {k: v for k, v in run["model_overrides"].items() if k != "temperature"},
                     "method": "scratch",
                     "regime": regime,
                     "pretrained": "",
@@ -345,7 +361,9 @@ def import_scratch(args, runs_path: Path, runs: list[dict]) -> list[dict]:
     have = {(*run_group(r), r["seed"]) for r in runs if r.get("max_steps_per_epoch") is None}
     new = [
         r
-        for r in imported_scratch_runs(args.scratch_from, args.dataset, args.modes, args.seeds, args.regime)
+        for r in imported_scratch_runs(
+            args.scratch_from, args.dataset, args.modes, args.seeds, args.regime, args.pretrained
+        )
         if (*run_group(as_today(r)), r["seed"]) not in have
     ]
     if new:

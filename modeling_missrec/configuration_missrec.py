@@ -106,7 +106,8 @@ class MissrecConfig(PreTrainedConfig):
             +0.0016, 95% interval [+0.0005, +0.0026]; test +0.0026 [-0.0007, +0.0059]) and on the paper's
             split (scientific_full, 3 seeds: +0.0025 [+0.0015, +0.0034]; test 0.0869 against 0.0856, +0.0013
             [-0.0015, +0.0041]); inductive on scientific_mm, valid +0.0016 [+0.0014, +0.0019], test unchanged.
-            Not yet the default (README, "Levers past the paper"). 0.05 was behind on the one seed tried.
+            So `run_finetune.py` (`ModelArguments.temperature`) uses 0.1 from scratch with the prior; a bare
+            config keeps the paper's 0.07, as does a pre-trained model (README, "Levers past the paper").
         history_prior (`bool`, False): add to every candidate's score a learned mix of three terms that need no
             representation learning (see `MissrecHistoryPrior`): the cosine of its frozen features with the
             last history item's, per modality; whether it is in the history; log(1 + its count as a training

@@ -88,7 +88,7 @@ def _chosen(runs: list[dict]) -> dict[str, str]:
 def test_a_configuration_replaces_the_baseline_only_when_its_paired_valid_difference_says_so():
     base = [_run("default", s, v) for s, v in zip((1, 2, 3), (0.100, 0.110, 0.090), strict=True)]
     # Ahead on the mean (+0.002) but not on every seed: the interval holds 0, so the baseline stays.
-    noisy = [_run("temperature_0.1", s, v) for s, v in zip((1, 2, 3), (0.110, 0.100, 0.096), strict=True)]
+    noisy = [_run("temperature_0.15", s, v) for s, v in zip((1, 2, 3), (0.110, 0.100, 0.096), strict=True)]
     assert _chosen(base + noisy) == {"transductive": "default"}
     # Ahead by a little on every seed: shown better, so it is chosen although its mean is below the noisy one's.
     steady = [_run("dropout_0.3", s, v) for s, v in zip((1, 2, 3), (0.101, 0.1112, 0.0909), strict=True)]
@@ -98,7 +98,7 @@ def test_a_configuration_replaces_the_baseline_only_when_its_paired_valid_differ
     # Seeds the baseline does not have give no paired difference: the baseline stays.
     assert _chosen(base + [_run("dropout_0.3", s, 0.2) for s in (4, 5, 6)]) == {"transductive": "default"}
     assert _chosen(noisy + [_run("dropout_0.3", s, 0.2, "inductive") for s in (1, 2, 3)]) == {
-        "transductive": "temperature_0.1",
+        "transductive": "temperature_0.15",
         "inductive": "dropout_0.3",
     }
 
@@ -110,3 +110,37 @@ def test_every_run_has_its_own_log_even_when_its_name_holds_dots(tmp_path):
     run_dir, log = paths[0]
     assert run_dir == tmp_path / "scientific_mm-transductive-temperature_0.1-2020"
     assert log == tmp_path / "scientific_mm-transductive-temperature_0.1-2020.log"
+
+
+def test_runs_of_the_temperature_0_07_defaults_are_named_as_today():
+    def old(config: str, **model) -> dict:  # recorded before 2026-12-07: no `default_temperature`
+        return {**_run(config, 2020, 0.1), "model_overrides": model, "defaults_have_prior": True}
+
+    def named(run: dict) -> tuple[str, dict]:
+        today = quality.as_today(run)
+        return today["config"], today["model_overrides"]
+
+    assert named(old("default")) == ("temperature_0.07", {"temperature": 0.07})
+    assert named(old("temperature_0.1", temperature=0.1)) == ("default", {})
+    dropout = {"hidden_dropout_prob": 0.3, "attention_dropout_prob": 0.3}
+    assert named(old("temperature_0.1_dropout_0.3", temperature=0.1, **dropout)) == ("dropout_0.3", dropout)
+    assert named(old("dropout_0.3", **dropout)) == ("temperature_0.07+dropout_0.3", {**dropout, "temperature": 0.07})
+    assert named(old("temperature_0.2", temperature=0.2)) == ("temperature_0.2", {"temperature": 0.2})
+    # Without the prior the temperature was and is 0.07: the names stay.
+    assert named(old("no_prior", history_prior=False)) == ("no_prior", {"history_prior": False})
+    # Older still (no prior in the defaults): both renamings, in order.
+    before_prior = {**old("default"), "defaults_have_prior": None}
+    assert named(before_prior) == ("no_prior", {"history_prior": False})
+    assert named({**old("history_prior", history_prior=True), "defaults_have_prior": None})[0] == "temperature_0.07"
+    # Recorded by today's code: as recorded; `temperature_0.07+X` runs X's settings at 0.07, paired against it.
+    today = {**_run("default", 2020, 0.1), "default_temperature": 0.1, "defaults_have_prior": True}
+    assert quality.as_today(today) == today
+    spec = quality.config_spec("temperature_0.07+dropout_0.3")
+    assert spec["model"] == {"temperature": 0.07, **dropout}
+    records = quality.summarise(
+        [quality.as_today(old("default")), quality.as_today(old("dropout_0.3", **dropout))], "default"
+    )
+    assert {r["config"]: r.get("paired_vs") for r in records} == {
+        "temperature_0.07": None,
+        "temperature_0.07+dropout_0.3": "temperature_0.07",  # X on the earlier defaults against those
+    }

@@ -43,14 +43,21 @@ def quality_runs(tmp_path) -> Path:
         quality_run(2021, 0.050, max_steps_per_epoch=2),  # a smoke run
         quality_run(2021, 0.083, mode="transductive"),
         quality_run(2021, 0.100, dataset="scientific_mm"),
+        # today's defaults (temperature 0.1): not the temperature scratch trains at here (the backbone's 0.07)
+        quality_run(2021, 0.090, default_temperature=0.1),
     ]
     path = tmp_path / "quality_runs.json"
     path.write_text(json.dumps({"runs": runs}), encoding="utf-8")
     return path
 
 
+NO_BACKBONE = Path("no-backbone")  # scratch then trains at the paper's temperature, 0.07
+
+
 def test_imports_only_the_defaults_of_the_grid(quality_runs):
-    runs = transfer.imported_scratch_runs(quality_runs, "scientific_full", ["inductive"], [2020, 2021, 2022], "full")
+    runs = transfer.imported_scratch_runs(
+        quality_runs, "scientific_full", ["inductive"], [2020, 2021, 2022], "full", NO_BACKBONE
+    )
     assert sorted(r["seed"] for r in runs) == [2020, 2021, 2022]
     assert {r["test"]["ndcg@10"] for r in runs} == {0.085, 0.084, 0.086}
     assert all(r["method"] == "scratch" and r["imported_from"] == str(quality_runs) for r in runs)
@@ -61,13 +68,15 @@ def test_imports_only_the_defaults_of_the_grid(quality_runs):
 
 def test_refuses_runs_that_are_not_the_same(quality_runs):
     with pytest.raises(SystemExit, match="Scientific.feat1CLS"):  # quality.py's scientific_mm text is CLIP's
-        transfer.imported_scratch_runs(quality_runs, "scientific_mm", ["inductive"], [2021], "full")
+        transfer.imported_scratch_runs(quality_runs, "scientific_mm", ["inductive"], [2021], "full", NO_BACKBONE)
     with pytest.raises(SystemExit, match="10%"):
-        transfer.imported_scratch_runs(quality_runs, "scientific_full", ["inductive"], [2021], "10%")
+        transfer.imported_scratch_runs(quality_runs, "scientific_full", ["inductive"], [2021], "10%", NO_BACKBONE)
 
 
 def test_imported_scratch_pairs_with_the_pretrained_runs(quality_runs):
-    scratch = transfer.imported_scratch_runs(quality_runs, "scientific_full", ["inductive"], [2020, 2021], "full")
+    scratch = transfer.imported_scratch_runs(
+        quality_runs, "scientific_full", ["inductive"], [2020, 2021], "full", NO_BACKBONE
+    )
     full = [
         quality_run(seed, ndcg, method="full", regime="full", backbone="15078f98de")
         for seed, ndcg in ((2020, 0.088), (2021, 0.086))
@@ -82,3 +91,15 @@ def test_imported_scratch_pairs_with_the_pretrained_runs(quality_runs):
     header = {"command": "transfer.py", "date": "2026-12-04", "machine": {"cpu_model": "cpu", "cpu_count": 2,
               "cpu_count_usable": 2, "torch_version": "2.13.0", "torch_num_threads": 2}}  # fmt: skip
     assert "seeds 2020 2021 from" in transfer.render(records, header, "pretrained")
+
+
+def test_scratch_trains_at_the_backbones_temperature_and_imports_the_runs_of_it(quality_runs, tmp_path):
+    backbone = tmp_path / "backbone"
+    backbone.mkdir()
+    (backbone / "config.json").write_text(json.dumps({"temperature": 0.1}))
+    assert transfer.scratch_temperature(backbone) == 0.1 and transfer.scratch_temperature(NO_BACKBONE) == 0.07
+    _, flags = transfer.method_flags(transfer.parse_args(["--summarise"]), "scratch", "inductive")
+    assert flags[-2:] == ["--temperature", "0.07"]  # the shipped backbone's, the paper's
+    # A backbone at 0.1 pairs with quality.py's defaults of today, recorded with their temperature.
+    runs = transfer.imported_scratch_runs(quality_runs, "scientific_full", ["inductive"], [2021], "full", backbone)
+    assert [r["test"]["ndcg@10"] for r in runs] == [0.090]

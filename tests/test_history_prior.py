@@ -327,6 +327,28 @@ def test_the_flag_switches_the_prior_and_a_calibrated_backbone_hands_on_its_weig
     assert build_model(ModelArguments(str(calibrated), mode="inductive"), catalog).history_prior is None
 
 
+def test_the_temperature_is_0_1_from_scratch_with_the_prior_and_the_backbones_own_on_transfer(tmp_path):
+    from test_shipped_model import SHIPPED
+
+    folder = write_twin_dataset(tmp_path / "data", text_width=384)
+    catalog = load_item_catalog(folder, feature_files={"text": "Twin.text.npy"})
+
+    def temperature(**model_args) -> float:
+        return build_model(ModelArguments(mode="inductive", **model_args), catalog).config.temperature
+
+    # From scratch: 0.1 with the prior (measured better), the paper's 0.07 without it; a flag or override wins.
+    assert temperature() == 0.1
+    assert temperature(history_prior=False) == MissrecConfig().temperature == 0.07
+    assert temperature(temperature=0.07) == 0.07
+    assert temperature(config_overrides="temperature=0.2") == 0.2
+    assert temperature(temperature=0.15, config_overrides="temperature=0.2") == 0.15
+    # Transfer keeps the pre-trained model's own (the shipped one's is the paper's), unless asked.
+    assert temperature(model_name_or_path=str(SHIPPED)) == 0.07
+    assert temperature(model_name_or_path=str(SHIPPED), temperature=0.1) == 0.1
+    with pytest.raises(ValueError, match="temperature"):
+        ModelArguments(temperature=0.0)
+
+
 def prior_scores(model, item_ids) -> torch.Tensor:
     with torch.no_grad():
         return model.history_prior(HISTORY, None, model.item_features, item_ids)
