@@ -31,18 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from common import (
-    BENCH_DIR,
-    DEFAULT_RESULTS_DIR,
-    HelpFormatter,
-    checkout_env,
-    header_markdown,
-    markdown_table,
-    peak_rss_mib,
-    run_header,
-    write_json_atomically,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from locations import BENCH_DIR, checkout_env
+from measurement import peak_rss_mib
+from provenance import header_markdown, run_header
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 
 RESULT_NAME = "convert_scale"
 USERS_PER_CHUNK = 500_000

@@ -35,17 +35,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from common import (
-    DEFAULT_RESULTS_DIR,
-    HelpFormatter,
-    header_markdown,
-    markdown_table,
-    resolve_data_root,
-    run_header,
-    write_json_atomically,
-    write_text_atomically,
-)
 from finetune_quality import DATASETS, MODES, SCIENTIFIC
+from help_format import HelpFormatter
+from locations import resolve_data_root
+from provenance import header_markdown, run_header
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 
 from modeling_missrec import MissrecForSequentialRecommendation
 from modeling_missrec.data import load_atomic_dataset, load_item_catalog

@@ -26,16 +26,10 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from common import (
-    DEFAULT_RESULTS_DIR,
-    REPO_ROOT,
-    HelpFormatter,
-    header_markdown,
-    markdown_table,
-    run_header,
-    write_json_atomically,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from locations import REPO_ROOT
+from provenance import header_markdown, run_header
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 from safetensors.torch import load_file
 from transformers.utils import logging as transformers_logging
 

@@ -42,19 +42,11 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from common import (
-    BENCH_DIR,
-    DEFAULT_RESULTS_DIR,
-    HelpFormatter,
-    command_line,
-    header_markdown,
-    markdown_table,
-    peak_rss_mib,
-    resolve_data_root,
-    run_header,
-    write_json_atomically,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from locations import BENCH_DIR, resolve_data_root
+from measurement import peak_rss_mib
+from provenance import command_line, header_markdown, run_header
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 from transformers.utils import logging as transformers_logging
 
 from modeling_missrec.checkpoints import CHECKPOINT_DIR, STATE_FILE

@@ -20,15 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import (
-    DEFAULT_RESULTS_DIR,
-    HelpFormatter,
-    header_markdown,
-    markdown_table,
-    run_header,
-    write_json_atomically,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from provenance import header_markdown, run_header
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 
 from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
 

@@ -30,17 +30,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import (
-    DEFAULT_RESULTS_DIR,
-    HelpFormatter,
-    header_markdown,
-    markdown_table,
-    resolve_data_root,
-    run_header,
-    write_json_atomically,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from locations import resolve_data_root
+from provenance import header_markdown, run_header
 from quality import METRICS, mean_std, paired
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 from zero_shot_baselines import rank_metrics
 
 from modeling_missrec.data import build_loader, load_atomic_dataset, read_feature_file

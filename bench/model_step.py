@@ -43,18 +43,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import (
-    DEFAULT_RESULTS_DIR,
-    REPO_ROOT,
-    HelpFormatter,
-    header_markdown,
-    markdown_table,
-    peak_rss_mib,
-    run_header,
-    synchronize,
-    write_json_atomically,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from locations import REPO_ROOT
+from measurement import peak_rss_mib, synchronize
+from provenance import header_markdown, run_header
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 
 from modeling_missrec import MissrecConfig, MissrecForSequentialRecommendation
 from modeling_missrec import interests as interests_module

@@ -48,19 +48,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import (
-    BENCH_DIR,
-    DEFAULT_RESULTS_DIR,
-    REPO_ROOT,
-    HelpFormatter,
-    header_markdown,
-    markdown_table,
-    resolve_data_root,
-    run_header,
-    utc_now,
-    write_json_atomically,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from locations import BENCH_DIR, REPO_ROOT, resolve_data_root
+from provenance import header_markdown, run_header, utc_now
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 
 DATASETS = ("scientific_mm", "scientific_full", "games")
 FILE_PREFIXES = {"scientific_mm": "Scientific", "scientific_full": "Scientific", "games": "Games"}  # X in X.train.inter

@@ -42,19 +42,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import (
-    BENCH_DIR,
-    DEFAULT_RESULTS_DIR,
-    REPO_ROOT,
-    HelpFormatter,
-    checkout_env,
-    header_markdown,
-    markdown_table,
-    resolve_data_root,
-    run_header,
-    write_json_atomically,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from locations import BENCH_DIR, REPO_ROOT, checkout_env, resolve_data_root
+from provenance import header_markdown, run_header
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 
 DOMAINS = ("Games", "Tools", "Toys", "Sports", "Electronics")
 STEPS = ("convert", "features", "split", "pretrain", "ship", "calibrate")

@@ -22,14 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import (
-    DEFAULT_RESULTS_DIR,
-    HelpFormatter,
-    header_markdown,
-    run_header,
-    synchronize,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from measurement import synchronize
+from provenance import header_markdown, run_header
+from result_files import DEFAULT_RESULTS_DIR, write_text_atomically
 from scale import FEATURE_SIZE, random_interest_state, synthetic_features, synthetic_log, take_rows
 from torch.profiler import ProfilerActivity, profile
 

@@ -34,18 +34,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import (
-    BENCH_DIR,
-    DEFAULT_RESULTS_DIR,
-    HelpFormatter,
-    checkout_env,
-    header_markdown,
-    markdown_table,
-    resolve_data_root,
-    run_header,
-    write_json_atomically,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from locations import BENCH_DIR, checkout_env, resolve_data_root
+from provenance import header_markdown, run_header
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 
 METRICS = ("ndcg@10", "hr@10", "ndcg@50", "hr@50")
 MODES = ("transductive", "inductive")

@@ -33,14 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import (
+from help_format import HelpFormatter
+from measurement import peak_rss_mib
+from provenance import header_markdown, run_header
+from result_files import (
     DEFAULT_RESULTS_DIR,
-    HelpFormatter,
-    header_markdown,
     markdown_table,
-    peak_rss_mib,
     pyplot,
-    run_header,
     save_figure_atomically,
     write_json_atomically,
     write_text_atomically,

@@ -28,17 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import (
-    DEFAULT_RESULTS_DIR,
-    HelpFormatter,
-    header_markdown,
-    markdown_table,
-    run_header,
-    synchronize,
-    write_json_atomically,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from measurement import synchronize
 from model_step import build_model, make_batches, real_lengths
+from provenance import header_markdown, run_header
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 
 VARIANTS = ("eager", "static", "compiled")
 

@@ -40,23 +40,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import (
-    BENCH_DIR,
-    DEFAULT_RESULTS_DIR,
-    REPO_ROOT,
-    HelpFormatter,
-    header_markdown,
-    markdown_table,
-    resolve_data_root,
-    run_header,
-    write_json_atomically,
-    write_text_atomically,
-)
 from finetune_quality import DATASETS
+from help_format import HelpFormatter
+from locations import BENCH_DIR, REPO_ROOT, resolve_data_root
+from provenance import header_markdown, run_header
 from quality import DEFAULT_TEMPERATURE as QUALITY_DEFAULT_TEMPERATURE
 from quality import METRICS, mean_std, paired, run_finetune_quality
 from quality import as_today as quality_as_today
 from quality import recorded_runs as quality_recorded_runs
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 
 from modeling_missrec.data import load_atomic_dataset, read_index_file
 from modeling_missrec.metrics import metrics_from_ranks

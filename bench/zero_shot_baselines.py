@@ -29,17 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import (
-    DEFAULT_RESULTS_DIR,
-    HelpFormatter,
-    header_markdown,
-    markdown_table,
-    resolve_data_root,
-    run_header,
-    write_json_atomically,
-    write_text_atomically,
-)
+from help_format import HelpFormatter
+from locations import resolve_data_root
+from provenance import header_markdown, run_header
 from quality import METRICS
+from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 
 from modeling_missrec.data import find_dataset_name, load_atomic_dataset, read_feature_file, read_index_file
 from modeling_missrec.metrics import metrics_from_ranks
