@@ -310,6 +310,7 @@ def run_one(name: str, mode: str, args, data_root: Path) -> tuple[dict, dict, di
     }
     details = {
         "history": history,
+        "temperature": model.config.temperature,
         "num_interests": metrics["num_interests"],
         "train_rows": len(dataset["train"]),
         "valid_users": len(dataset["valid"]),

@@ -268,6 +268,7 @@ def run_finetune_quality(
         "seconds_per_epoch": record["seconds_per_epoch"],
         "train_samples_per_s": payload["train_rows"] / statistics.fmean(train_seconds) if train_seconds else None,
         "trainable_params": payload.get("trainable_parameters"),
+        "temperature": payload.get("temperature"),  # the run's own, whatever its configuration's name says
         "num_interests": payload.get("num_interests"),
         "wall_seconds": time.perf_counter() - started,
         "defaults_have_prior": True,  # see `as_today`

@@ -44,6 +44,7 @@ from finetune_quality import DATASETS
 from help_format import HelpFormatter
 from locations import BENCH_DIR, REPO_ROOT, resolve_data_root
 from provenance import header_markdown, run_header
+from quality import CONFIGS as QUALITY_CONFIGS
 from quality import DEFAULT_TEMPERATURE as QUALITY_DEFAULT_TEMPERATURE
 from quality import METRICS, mean_std, paired, run_finetune_quality
 from quality import as_today as quality_as_today
@@ -53,6 +54,7 @@ from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomica
 from modeling_missrec.data import load_atomic_dataset, read_index_file
 from modeling_missrec.metrics import metrics_from_ranks
 from modeling_missrec.ranking import streaming_ranks
+from modeling_missrec.training_args import parse_overrides
 
 METHODS = ("scratch", "frozen", "full", "lora", "prior", "zero-shot", "popularity")
 REGIMES = {"full": 1.0, "10%": 0.1}
@@ -89,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--scratch_from",
         type=Path,
         default=None,
-        help="A bench/quality.py runs file (quality_runs.json) whose shipped-defaults runs (config `default`) of "
+        help="A bench/quality.py runs file (quality_runs.json) whose runs of the shipped defaults at the backbone's "
+        "temperature (config `temperature_0.07` for the shipped backbone; `default` at 0.1) of "
         "this dataset, the grid's modes and seeds are the scratch runs, instead of training them again: the same "
         "finetune_quality.py protocol and features. Only where quality.py's text features are transfer.py's "
         "(scientific_full) and in the full regime; each imported run keeps its commit and command.",
@@ -147,6 +150,8 @@ def method_flags(args, method: str, mode: str) -> tuple[dict, list[str]]:
     """The training overrides and finetune_quality flags of a method."""
     flags = ["--text_features", TEXT, "--train_users_fraction", str(REGIMES[args.regime])]
     if method == "scratch":
+        if "temperature" in parse_overrides(args.model_overrides):  # the user's, for every method alike
+            return {}, flags
         return {}, [*flags, "--temperature", str(scratch_temperature(args.pretrained))]
     flags += ["--model_name_or_path", str(args.pretrained)]
     if method == "zero-shot":
@@ -162,18 +167,6 @@ def scratch_temperature(pretrained: Path) -> float:
     and today's scratch runs are seeds of the same setting as those recorded before 2026-12-07."""
     config = pretrained / "config.json"
     return json.loads(config.read_text(encoding="utf-8")).get("temperature", 0.07) if config.exists() else 0.07
-
-
-def parse_model_overrides(text: str) -> dict:
-    """'a=1,b=true' -> {"a": 1, "b": True} (values read as JSON where they parse, else kept as text)."""
-    settings = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
-        try:
-            settings[name.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[name.strip()] = value
-    return settings
 
 
 def popularity(args, data_root: Path, seed: int) -> dict:
@@ -201,9 +194,10 @@ def popularity(args, data_root: Path, seed: int) -> dict:
 def imported_scratch_runs(
     path: Path, dataset: str, modes: list[str], seeds: list[int], regime: str, pretrained: Path
 ) -> list[dict]:
-    """The scratch runs of `--scratch_from`: bench/quality.py's runs of the shipped defaults, named as this
-    script names a scratch run. quality.py trains every user with its set's own features, so only a set whose
-    text features are this script's (MiniLM) and the full regime qualify."""
+    """The scratch runs of `--scratch_from`: bench/quality.py's runs of the shipped defaults at the temperature
+    this script's scratch runs use (`scratch_temperature`), named as this script names a scratch run. quality.py
+    trains every user with its set's own features, so only a set whose text features are this script's (MiniLM)
+    and the full regime qualify."""
     if regime != "full":
         raise SystemExit(f"--scratch_from: quality.py trains on every training user, not on {regime} of them")
     if DATASETS[dataset]["text_features"] != TEXT:
@@ -214,6 +208,11 @@ def imported_scratch_runs(
     # quality.py's defaults at the temperature this script's scratch runs use (`scratch_temperature`)
     temperature = scratch_temperature(pretrained)
     config = "default" if temperature == QUALITY_DEFAULT_TEMPERATURE else f"temperature_{temperature:g}"
+    if config not in QUALITY_CONFIGS:
+        raise SystemExit(
+            f"--scratch_from: the backbone's temperature is {temperature}, and bench/quality.py has no configuration "
+            f"of its defaults at that temperature ({config}): run the scratch method here instead"
+        )
     imported = []
     for run in map(quality_as_today, quality_recorded_runs(path)):
         if (run["dataset"], run["config"]) != (dataset, config) or run["mode"] not in modes:
@@ -311,7 +310,7 @@ def main(argv=None) -> None:
     if not args.summarise:
         data_root = resolve_data_root(args.data_root)
         backbone = backbone_fingerprint(args.pretrained) if (args.pretrained / "config.json").exists() else ""
-        overrides = parse_model_overrides(args.model_overrides)
+        overrides = parse_overrides(args.model_overrides)
         if args.scratch_from is not None:
             runs = import_scratch(args, runs_path, runs)
         done = {(*run_group(r), r["seed"], r.get("max_steps_per_epoch")) for r in runs}  # a run of another

@@ -364,7 +364,13 @@ class ModelArguments:
         _check("interest_ratio", self.interest_ratio, lambda v: 0 < v <= 1, "a float in (0, 1]")
         if self.temperature is not None:
             _check("temperature", self.temperature, lambda v: v > 0, "a number > 0")
-        check_config_overrides(parse_overrides(self.config_overrides))
+        overrides = parse_overrides(self.config_overrides)
+        check_config_overrides(overrides)
+        if self.temperature is not None and overrides.get("temperature", self.temperature) != self.temperature:
+            raise ValueError(
+                f"temperature={self.temperature} and config_overrides temperature={overrides['temperature']} "
+                "disagree: give one of them."
+            )
         if self.model_name_or_path is not None:
             self.model_name_or_path = expand_path(self.model_name_or_path, "model_name_or_path")
 
@@ -568,13 +574,21 @@ def check_config_overrides(overrides: Mapping) -> None:
         raise ValueError(f"config_overrides: unknown MissrecConfig field(s) {unknown}; allowed: {fields}")
 
 
+# Python's spellings too: `history_prior=False` kept as the text "False" would be a true value.
+PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}
+
+
 def parse_overrides(text: str | None) -> dict:
-    """'a=1,b=0.5,c=text' -> {'a': 1, 'b': 0.5, 'c': 'text'} (values parsed as JSON when they can be)."""
+    """'a=1,b=0.5,c=text,d=False' -> {'a': 1, 'b': 0.5, 'c': 'text', 'd': False} (values parsed as JSON when
+    they can be, True / False / None as Python's)."""
     overrides = {}
     for part in filter(None, (text or "").split(",")):
         if "=" not in part:
             raise ValueError(f"config_overrides: {part!r} is not 'name=value'")
         name, value = (x.strip() for x in part.split("=", 1))
+        if value in PYTHON_CONSTANTS:
+            overrides[name] = PYTHON_CONSTANTS[value]
+            continue
         try:
             overrides[name] = json.loads(value)
         except json.JSONDecodeError:

@@ -100,6 +100,14 @@ def test_scratch_trains_at_the_backbones_temperature_and_imports_the_runs_of_it(
     assert transfer.scratch_temperature(backbone) == 0.1 and transfer.scratch_temperature(NO_BACKBONE) == 0.07
     _, flags = transfer.method_flags(transfer.parse_args(["--summarise"]), "scratch", "inductive")
     assert flags[-2:] == ["--temperature", "0.07"]  # the shipped backbone's, the paper's
+    # A temperature the user gives is every method's, scratch's too (it goes in --config_overrides).
+    args = transfer.parse_args(["--summarise", "--model_overrides", "temperature=0.1"])
+    assert "--temperature" not in transfer.method_flags(args, "scratch", "inductive")[1]
+    # A backbone temperature without a quality.py configuration of it imports nothing silently: it says so.
+    (backbone / "config.json").write_text(json.dumps({"temperature": 0.08}))
+    with pytest.raises(SystemExit, match="temperature_0.08"):
+        transfer.imported_scratch_runs(quality_runs, "scientific_full", ["inductive"], [2021], "full", backbone)
+    (backbone / "config.json").write_text(json.dumps({"temperature": 0.1}))
     # A backbone at 0.1 pairs with quality.py's defaults of today, recorded with their temperature.
     runs = transfer.imported_scratch_runs(quality_runs, "scientific_full", ["inductive"], [2021], "full", backbone)
     assert [r["test"]["ndcg@10"] for r in runs] == [0.090]

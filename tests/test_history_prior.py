@@ -341,12 +341,18 @@ def test_the_temperature_is_0_1_from_scratch_with_the_prior_and_the_backbones_ow
     assert temperature(history_prior=False) == MissrecConfig().temperature == 0.07
     assert temperature(temperature=0.07) == 0.07
     assert temperature(config_overrides="temperature=0.2") == 0.2
-    assert temperature(temperature=0.15, config_overrides="temperature=0.2") == 0.15
+    assert temperature(config_overrides="history_prior=false") == 0.07
+    off = build_model(ModelArguments(mode="inductive", config_overrides="history_prior=False"), catalog)
+    assert off.history_prior is None and off.config.temperature == 0.07  # Python's spelling is a boolean too
     # Transfer keeps the pre-trained model's own (the shipped one's is the paper's), unless asked.
     assert temperature(model_name_or_path=str(SHIPPED)) == 0.07
+    assert temperature(model_name_or_path=str(SHIPPED), history_prior=True) == 0.07
     assert temperature(model_name_or_path=str(SHIPPED), temperature=0.1) == 0.1
     with pytest.raises(ValueError, match="temperature"):
         ModelArguments(temperature=0.0)
+    with pytest.raises(ValueError, match="disagree"):  # which one would win is not for the user to guess
+        ModelArguments(temperature=0.15, config_overrides="temperature=0.2")
+    assert ModelArguments(temperature=0.2, config_overrides="temperature=0.2").temperature == 0.2
 
 
 def prior_scores(model, item_ids) -> torch.Tensor:
