@@ -51,12 +51,12 @@ ORIGINAL_MISSING = {"mask_missing_modalities": False}
 ORIGINAL_KMEANS = {"kmeans_init": "random", "kmeans_max_iterations": 1, "kmeans_warm_start": False}
 CONFIGS: dict[str, dict] = {
     "default": {
-        "about": "the shipped defaults (the learned history prior; from scratch with it, temperature 0.1)",
+        "about": "the shipped defaults (the learned history prior; with it, transductive, temperature 0.1)",
         "model": {},
         "training": {},
     },
     "temperature_0.07": {
-        "about": "the paper's temperature 0.07 (the default until 2026-12-07)",
+        "about": "the paper's temperature 0.07 (transductive, the default until 2026-12-07; inductive, the default)",
         "model": {"temperature": 0.07},
         "training": {},
     },
@@ -108,11 +108,16 @@ CONFIGS: dict[str, dict] = {
         "training": ORIGINAL_BATCHES,
     },
     # Levers past the paper (screened on scientific_mm, chosen on validation only).
-    # (The temperature's screen ran on the defaults of before, 0.07: its runs are `temperature_0.07+X`, and
-    # `temperature_0.1` is today's `default`; see `as_today`.)
-    "temperature_0.05": {"about": "softmax temperature 0.05 (0.1)", "model": {"temperature": 0.05}, "training": {}},
-    "temperature_0.15": {"about": "softmax temperature 0.15 (0.1)", "model": {"temperature": 0.15}, "training": {}},
-    "temperature_0.2": {"about": "softmax temperature 0.2 (0.1)", "model": {"temperature": 0.2}, "training": {}},
+    # (The temperature's screen ran on the defaults of before, 0.07: transductive, its runs are
+    # `temperature_0.07+X`, and `temperature_0.1` is today's `default`; see `as_today`.)
+    "temperature_0.05": {"about": "softmax temperature 0.05", "model": {"temperature": 0.05}, "training": {}},
+    "temperature_0.1": {
+        "about": "softmax temperature 0.1 (transductive, the default since 2026-12-07; inductive 0.07)",
+        "model": {"temperature": 0.1},
+        "training": {},
+    },
+    "temperature_0.15": {"about": "softmax temperature 0.15", "model": {"temperature": 0.15}, "training": {}},
+    "temperature_0.2": {"about": "softmax temperature 0.2", "model": {"temperature": 0.2}, "training": {}},
     "dropout_0.3": {
         "about": "hidden and attention dropout 0.3 (0.5)",
         "model": {"hidden_dropout_prob": 0.3, "attention_dropout_prob": 0.3},
@@ -272,7 +277,7 @@ def run_finetune_quality(
         "num_interests": payload.get("num_interests"),
         "wall_seconds": time.perf_counter() - started,
         "defaults_have_prior": True,  # see `as_today`
-        "default_temperature": DEFAULT_TEMPERATURE,
+        "default_temperature": DEFAULT_TEMPERATURE[mode],
         **{k: v for k, v in run_header().items() if k in ("commit", "date")},
         "command": " ".join(command[1:]),
     }
@@ -284,20 +289,23 @@ def as_today(run: dict) -> dict:
     return temperature_as_today(prior_as_today(run))
 
 
-# From scratch with the history prior, the defaults' temperature (`modeling_missrec.transfer`); runs recorded
-# before 2026-12-07 (no `default_temperature`) had the paper's 0.07.
-DEFAULT_TEMPERATURE = 0.1
-# Configurations of before that the temperature 0.1 turned into today's: X on 0.1 is today's X.
+# From scratch with the history prior, the defaults' temperature by mode (`modeling_missrec.transfer`); runs
+# recorded before 2026-12-07 (no `default_temperature`) had the paper's 0.07 in both.
+DEFAULT_TEMPERATURE = {"transductive": 0.1, "inductive": 0.07}
+# Transductive configurations of before that the temperature 0.1 turned into today's: X on 0.1 is today's X.
 RENAMED_WITH_TEMPERATURE = {"temperature_0.1": "default", "temperature_0.1_dropout_0.3": "dropout_0.3"}
 
 
 def temperature_as_today(run: dict) -> dict:
     """A run recorded by code whose defaults had the temperature 0.07 from scratch with the prior (no
-    `default_temperature`), named as today's: X is `temperature_0.07+X` (its `default` is `temperature_0.07`),
-    and X set to 0.1 is today's X (`RENAMED_WITH_TEMPERATURE`). Runs without the prior had 0.07, then and now,
-    and an explicit temperature is the same setting today: their names stay."""
+    `default_temperature`), named as today's: transductive, X is `temperature_0.07+X` (its `default` is
+    `temperature_0.07`), and X set to 0.1 is today's X (`RENAMED_WITH_TEMPERATURE`). Inductive runs (0.07 then
+    and now), runs without the prior (the same) and explicit temperatures (the same setting today) keep their
+    names."""
     if run.get("default_temperature") is not None:
         return run
+    if DEFAULT_TEMPERATURE[run["mode"]] == 0.07:
+        return {**run, "default_temperature": 0.07}
     overrides = dict(run.get("model_overrides") or {})
     name = run["config"]
     if name in RENAMED_WITH_TEMPERATURE:
@@ -306,7 +314,8 @@ def temperature_as_today(run: dict) -> dict:
     elif "temperature" not in overrides and overrides.get("history_prior") is not False:
         overrides["temperature"] = 0.07
         name = "temperature_0.07" if name == "default" else f"temperature_0.07+{name}"
-    return {**run, "config": name, "model_overrides": overrides, "default_temperature": DEFAULT_TEMPERATURE}
+    today = DEFAULT_TEMPERATURE[run["mode"]]
+    return {**run, "config": name, "model_overrides": overrides, "default_temperature": today}
 
 
 def prior_as_today(run: dict) -> dict:

@@ -205,17 +205,21 @@ def imported_scratch_runs(
             f"--scratch_from: quality.py trains {dataset} on {DATASETS[dataset]['text_features']}, this script on "
             f"{TEXT}: not the same runs"
         )
-    # quality.py's defaults at the temperature this script's scratch runs use (`scratch_temperature`)
+    # quality.py's defaults at the temperature this script's scratch runs use (`scratch_temperature`), by mode
     temperature = scratch_temperature(pretrained)
-    config = "default" if temperature == QUALITY_DEFAULT_TEMPERATURE else f"temperature_{temperature:g}"
-    if config not in QUALITY_CONFIGS:
-        raise SystemExit(
-            f"--scratch_from: the backbone's temperature is {temperature}, and bench/quality.py has no configuration "
-            f"of its defaults at that temperature ({config}): run the scratch method here instead"
-        )
+    configs = {
+        mode: "default" if temperature == QUALITY_DEFAULT_TEMPERATURE[mode] else f"temperature_{temperature:g}"
+        for mode in modes
+    }
+    for config in configs.values():
+        if config not in QUALITY_CONFIGS:
+            raise SystemExit(
+                f"--scratch_from: the backbone's temperature is {temperature}, and bench/quality.py has no "
+                f"configuration of its defaults at that temperature ({config}): run the scratch method here instead"
+            )
     imported = []
     for run in map(quality_as_today, quality_recorded_runs(path)):
-        if (run["dataset"], run["config"]) != (dataset, config) or run["mode"] not in modes:
+        if run["dataset"] != dataset or run["mode"] not in modes or run["config"] != configs[run["mode"]]:
             continue
         if run["seed"] in seeds and run.get("max_steps_per_epoch") is None:
             imported.append(

@@ -105,9 +105,11 @@ class MissrecConfig(PreTrainedConfig):
             history prior. With the prior, 0.1 is better on scientific_mm's valid NDCG@10 (transductive, 5 seeds:
             +0.0016, 95% interval [+0.0005, +0.0026]; test +0.0026 [-0.0007, +0.0059]) and on the paper's
             split (scientific_full, 3 seeds: +0.0025 [+0.0015, +0.0034]; test 0.0869 against 0.0856, +0.0013
-            [-0.0015, +0.0041]); inductive on scientific_mm, valid +0.0016 [+0.0014, +0.0019], test unchanged.
-            So `run_finetune.py` (`ModelArguments.temperature`) uses 0.1 from scratch with the prior; a bare
-            config keeps the paper's 0.07, as does a pre-trained model (README, "Levers past the paper").
+            [-0.0015, +0.0041]). So `run_finetune.py` (`ModelArguments.temperature`) uses 0.1 from scratch,
+            transductive, with the prior. Inductive, 0.1 is better on scientific_mm's valid (+0.0016 [+0.0014,
+            +0.0019]) but not on the paper's split (3 seeds: valid +0.0004 [-0.0011, +0.0018], test -0.0009
+            [-0.0035, +0.0018]), so the paper's 0.07 stays there; a bare config keeps 0.07, as does a
+            pre-trained model (README, "Levers past the paper").
         history_prior (`bool`, False): add to every candidate's score a learned mix of three terms that need no
             representation learning (see `MissrecHistoryPrior`): the cosine of its frozen features with the
             last history item's, per modality; whether it is in the history; log(1 + its count as a training

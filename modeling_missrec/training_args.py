@@ -333,9 +333,10 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Softmax temperature (logits = scores / temperature). Default: the pre-trained model's own "
-            "(0.07, the paper's, for the shipped one); from scratch 0.1 with the history prior, since it measured "
-            "better on validation (README, 'Levers past the paper': valid NDCG@10 +0.0016 on scientific_mm, "
-            "+0.0025 on scientific_full, 3-5 seeds), and the paper's 0.07 without it (not measured there)."
+            "(0.07, the paper's, for the shipped one); from scratch, transductive, with the history prior 0.1, "
+            "since it measured better on validation (README, 'Levers past the paper': valid NDCG@10 +0.0016 on "
+            "scientific_mm, +0.0025 on scientific_full, 3-5 seeds); otherwise the paper's 0.07 (inductive, 0.1 was "
+            "better on scientific_mm but not on the paper's split; without the prior it was not measured)."
         },
     )
     config_overrides: str | None = field(

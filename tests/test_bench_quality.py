@@ -126,8 +126,12 @@ def test_runs_of_the_temperature_0_07_defaults_are_named_as_today():
     assert named(old("temperature_0.1_dropout_0.3", temperature=0.1, **dropout)) == ("dropout_0.3", dropout)
     assert named(old("dropout_0.3", **dropout)) == ("temperature_0.07+dropout_0.3", {**dropout, "temperature": 0.07})
     assert named(old("temperature_0.2", temperature=0.2)) == ("temperature_0.2", {"temperature": 0.2})
-    # Without the prior the temperature was and is 0.07: the names stay.
+    # Without the prior the temperature was and is 0.07: the names stay; so does every inductive run (0.07 is
+    # still its default there).
     assert named(old("no_prior", history_prior=False)) == ("no_prior", {"history_prior": False})
+    inductive = {**old("temperature_0.1", temperature=0.1), "mode": "inductive"}
+    assert named(inductive) == ("temperature_0.1", {"temperature": 0.1})
+    assert named({**old("default"), "mode": "inductive"}) == ("default", {})
     # Older still (no prior in the defaults): both renamings, in order.
     before_prior = {**old("default"), "defaults_have_prior": None}
     assert named(before_prior) == ("no_prior", {"history_prior": False})

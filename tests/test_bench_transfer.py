@@ -43,8 +43,10 @@ def quality_runs(tmp_path) -> Path:
         quality_run(2021, 0.050, max_steps_per_epoch=2),  # a smoke run
         quality_run(2021, 0.083, mode="transductive"),
         quality_run(2021, 0.100, dataset="scientific_mm"),
-        # today's defaults (temperature 0.1): not the temperature scratch trains at here (the backbone's 0.07)
-        quality_run(2021, 0.090, default_temperature=0.1),
+        # today's transductive defaults (temperature 0.1): not the temperature scratch trains at here (the
+        # backbone's 0.07)
+        quality_run(2021, 0.090, mode="transductive", default_temperature=0.1),
+        quality_run(2021, 0.089, config="temperature_0.1", model_overrides={"temperature": 0.1}),
     ]
     path = tmp_path / "quality_runs.json"
     path.write_text(json.dumps({"runs": runs}), encoding="utf-8")
@@ -108,6 +110,9 @@ def test_scratch_trains_at_the_backbones_temperature_and_imports_the_runs_of_it(
     with pytest.raises(SystemExit, match="temperature_0.08"):
         transfer.imported_scratch_runs(quality_runs, "scientific_full", ["inductive"], [2021], "full", backbone)
     (backbone / "config.json").write_text(json.dumps({"temperature": 0.1}))
-    # A backbone at 0.1 pairs with quality.py's defaults of today, recorded with their temperature.
-    runs = transfer.imported_scratch_runs(quality_runs, "scientific_full", ["inductive"], [2021], "full", backbone)
-    assert [r["test"]["ndcg@10"] for r in runs] == [0.090]
+    # A backbone at 0.1 pairs with quality.py's transductive defaults of today, and inductive with its 0.1 runs.
+    runs = transfer.imported_scratch_runs(
+        quality_runs, "scientific_full", ["transductive", "inductive"], [2021], "full", backbone
+    )
+    assert sorted(r["test"]["ndcg@10"] for r in runs) == [0.089, 0.090]
+    assert all(r["model_overrides"] == {} for r in runs)  # the temperature is scratch's setting here
