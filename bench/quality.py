@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -221,6 +222,17 @@ def run_paths(work_dir: Path, dataset: str, mode: str, name: str) -> tuple[Path,
     return run_dir, run_dir.parent / f"{run_dir.name}.log"
 
 
+def clear_finished_run(run_dir: Path) -> bool:
+    """Remove a run folder that holds a finished run (its `finetune_quality.json`) that is not recorded under
+    this name: a run of the configuration the name meant before a default changed (e.g. `default` at the
+    temperature 0.07). `--resume` would refuse its checkpoint (other settings) or, worse, take its result. A
+    folder with only checkpoints is an interrupted run of this configuration, and is kept to be resumed."""
+    if not (run_dir / "finetune_quality.json").exists():
+        return False
+    shutil.rmtree(run_dir)
+    return True
+
+
 def run_finetune_quality(
     args, data_root: Path, mode: str, seed: int, name: str, model: dict, training: dict, flags: list[str]
 ) -> dict:
@@ -245,6 +257,9 @@ def run_finetune_quality(
         command += ["--max_steps_per_epoch", str(args.max_steps_per_epoch)]
     started = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if clear_finished_run(run_dir):
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"---- {run_dir.name}: a finished run of an earlier configuration of this name removed\n")
     # The run imports the package of this checkout (a git worktree pinned to the commit being measured), not
     # whatever an editable install points at: the script's folder, not the repository, is first on sys.path.
     env = checkout_env()

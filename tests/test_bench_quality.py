@@ -148,3 +148,16 @@ def test_runs_of_the_temperature_0_07_defaults_are_named_as_today():
         "temperature_0.07": None,
         "temperature_0.07+dropout_0.3": "temperature_0.07",  # X on the earlier defaults against those
     }
+
+
+def test_a_finished_run_folder_of_an_earlier_meaning_is_cleared_and_an_interrupted_one_kept(tmp_path):
+    # `default-2023` held the temperature 0.07 run before the default changed; the new `default` seed 2023 must
+    # not resume its checkpoint. An interrupted run (checkpoints, no results yet) is resumed, so it stays.
+    finished = tmp_path / "scientific_mm-transductive-default-2023"
+    (finished / "scientific_mm-transductive" / "checkpoint-epoch-0010").mkdir(parents=True)
+    (finished / "finetune_quality.json").write_text("{}")
+    interrupted = tmp_path / "scientific_mm-transductive-default-2024"
+    (interrupted / "scientific_mm-transductive" / "checkpoint-epoch-0003").mkdir(parents=True)
+    assert quality.clear_finished_run(finished) and not finished.exists()
+    assert not quality.clear_finished_run(interrupted) and interrupted.exists()
+    assert not quality.clear_finished_run(tmp_path / "never-run")
