@@ -125,8 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--temperature",
         type=float,
         default=None,
-        help="ModelArguments.temperature (default: run_finetune.py's: 0.1 from scratch with the history prior, "
-        "else the pre-trained model's or the paper's 0.07).",
+        help="ModelArguments.temperature (default: run_finetune.py's: 0.1 from scratch, transductive, with the "
+        "history prior, else the pre-trained model's or the paper's 0.07).",
     )
     parser.add_argument(
         "--text_features", default=None, help="Text feature file in the dataset folder instead of the set's own."

@@ -51,6 +51,7 @@ from quality import as_today as quality_as_today
 from quality import recorded_runs as quality_recorded_runs
 from result_files import DEFAULT_RESULTS_DIR, markdown_table, write_json_atomically, write_text_atomically
 
+from modeling_missrec import MissrecConfig
 from modeling_missrec.data import load_atomic_dataset, read_index_file
 from modeling_missrec.metrics import metrics_from_ranks
 from modeling_missrec.ranking import streaming_ranks
@@ -166,7 +167,8 @@ def scratch_temperature(pretrained: Path) -> float:
     default from scratch (0.1): scratch and the transferred methods then differ in their starting weights only,
     and today's scratch runs are seeds of the same setting as those recorded before 2026-12-07."""
     config = pretrained / "config.json"
-    return json.loads(config.read_text(encoding="utf-8")).get("temperature", 0.07) if config.exists() else 0.07
+    paper = MissrecConfig.temperature  # the config's default: the paper's 0.07
+    return json.loads(config.read_text(encoding="utf-8")).get("temperature", paper) if config.exists() else paper
 
 
 def popularity(args, data_root: Path, seed: int) -> dict:

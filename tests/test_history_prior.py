@@ -345,7 +345,7 @@ def test_the_temperature_is_0_1_from_scratch_transductive_with_the_prior_and_the
     assert temperature(temperature=0.07) == 0.07
     assert temperature(config_overrides="temperature=0.2") == 0.2
     assert temperature(config_overrides="history_prior=false") == 0.07
-    off = build_model(ModelArguments(mode="inductive", config_overrides="history_prior=False"), catalog)
+    off = build_model(ModelArguments(mode="transductive", config_overrides="history_prior=False"), catalog)
     assert off.history_prior is None and off.config.temperature == 0.07  # Python's spelling is a boolean too
     # Transfer keeps the pre-trained model's own (the shipped one's is the paper's), unless asked.
     assert temperature(model_name_or_path=str(SHIPPED)) == 0.07

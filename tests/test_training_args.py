@@ -55,7 +55,8 @@ def test_paper_configs_parse_and_name_their_dataset_root(monkeypatch):
         assert data.resolved_data_dir().startswith("/data/downstream/")
         assert ("pretrained" in config.name) == (model.finetune_method == "frozen")
         assert model.history_prior is True  # the best-measured setting, from scratch and from the paper's model
-        # the temperature is left to the default rule (0.1 from scratch with the prior, else the model's own), so
+        # the temperature is left to the default rule (0.1 from scratch, transductive, with the prior, else the
+        # paper's or the model's own), so
         # that `--history_prior false` alone gives the paper's scoring
         assert model.temperature is None
         if "office_id" in config.name:
